@@ -1,0 +1,13 @@
+"""jdlm: masked diffusion language models (Dream, LLaDA) in JAX/Flax.
+
+    import jdlm
+    model = jdlm.load(path)                         # an HF directory or a converted checkpoint
+    logits = model.logits(tokens, attention_mask=None)  # (B, L, V) float32, position-aligned
+"""
+
+from jdlm.checkpoint import convert, export_hf, load, save
+from jdlm.config import ModelConfig
+from jdlm.errors import JdlmError
+from jdlm.model import Model, Transformer
+
+__all__ = ["JdlmError", "Model", "ModelConfig", "Transformer", "convert", "export_hf", "load", "save"]

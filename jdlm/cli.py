@@ -1,0 +1,122 @@
+"""The `jdlm` command. Each subcommand is one function `cmd_<name>(args)` plus its parser."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from jdlm.errors import JdlmError
+
+BUNDLED_CONFIGS = Path(__file__).parent / "configs"
+
+
+def _add_mesh(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mesh", default=None, metavar="data=D,fsdp=F,tensor=T",
+                   help="device mesh; by default every device on the fsdp axis")
+
+
+# -- convert / export / info ------------------------------------------------------------------
+
+
+def cmd_convert(args) -> None:
+    from jdlm.checkpoint import convert
+
+    out = convert(args.hf_dir, args.out_dir, dtype=args.dtype)
+    print(f"wrote {out}")
+
+
+def cmd_export(args) -> None:
+    from jdlm.checkpoint import export_hf
+
+    out = export_hf(args.checkpoint, args.out_dir, max_shard_bytes=int(args.max_shard_gb * 2**30))
+    print(f"wrote {out}")
+
+
+def _resolve_config_path(path: str) -> Path:
+    p = Path(path)
+    if p.exists():
+        return p
+    bundled = BUNDLED_CONFIGS / f"{path}.json"
+    if bundled.exists():
+        return bundled
+    names = sorted(f.stem for f in BUNDLED_CONFIGS.glob("*.json"))
+    raise JdlmError(f"{path} does not exist and is not a bundled config ({', '.join(names)})")
+
+
+def cmd_info(args) -> None:
+    import numpy as np
+    from flax import nnx
+
+    from jdlm.checkpoint import is_converted, read_metadata
+    from jdlm.config import ModelConfig
+    from jdlm.model import abstract_transformer
+
+    path = _resolve_config_path(args.path)
+    if path.is_dir() and is_converted(path):
+        meta = read_metadata(path)
+        cfg, dtype = ModelConfig.from_dict(meta["config"]), meta["dtype"]
+    else:
+        cfg = ModelConfig.from_hf(path)
+        raw = json.loads((path / "config.json" if path.is_dir() else path).read_text())
+        dtype = raw.get("torch_dtype") or raw.get("dtype") or "float32"
+    state = nnx.state(abstract_transformer(cfg), nnx.Param)
+    flat = [("/".join(map(str, p)), v) for p, v in nnx.to_flat_state(state)]
+    total = sum(int(np.prod(v.shape)) for _, v in flat)
+    info = {
+        "path": str(path), "family": cfg.family, "dtype": dtype, "parameters": total,
+        "config": cfg.to_dict(),
+        "shapes": {name: {"shape": list(v.shape), "axes": list(v.axes)} for name, v in flat},
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    print(f"{path}\n  family      {cfg.family} (logit shift {cfg.logit_shift}, mask id "
+          f"{cfg.mask_token_id})\n  dtype       {dtype}\n  parameters  {total:,}")
+    print(f"  layers {cfg.num_layers}, hidden {cfg.hidden_size}, heads {cfg.num_heads} "
+          f"(kv {cfg.num_kv_heads}, head_dim {cfg.head_dim}), mlp {cfg.intermediate_size}, "
+          f"vocab {cfg.vocab_size}, rope theta {cfg.rope_theta:g}")
+    for name, v in flat:
+        print(f"  {name:<18} {str(tuple(v.shape)):<28} {tuple(v.axes)}")
+
+
+# -- the parser -------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jdlm", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("convert", help="convert an HF Dream/LLaDA checkpoint to jdlm (Orbax)")
+    p.add_argument("hf_dir", help="HF directory with config.json and safetensors weights")
+    p.add_argument("out_dir", help="new output directory (must not exist)")
+    p.add_argument("--dtype", default=None, help="target dtype (default: the dtype on disk)")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("export", help="export a converted checkpoint back to an HF directory")
+    p.add_argument("checkpoint", help="converted jdlm checkpoint directory")
+    p.add_argument("out_dir", help="new output directory (must not exist)")
+    p.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("info", help="family, shapes, dtype and parameter count (no weights read)")
+    p.add_argument("path", help="HF directory, config.json, converted checkpoint, or a bundled "
+                                "config name (dream-v0-base-7b, llada-8b-base)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except JdlmError as err:
+        print(f"jdlm {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
