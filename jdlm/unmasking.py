@@ -1,0 +1,170 @@
+"""The pieces of one unmasking step, as pure functions of arrays.
+
+A step of every standard sampler is: turn the logits at the masked positions into a token
+distribution (temperature, top-p, top-k), draw a candidate token per position, score the
+positions (the *position rule*), decide how many to reveal (the *count schedule*), and reveal the
+best-ranked ones. `jdlm.sampling` strings these together inside one compiled loop.
+
+Shapes: B rows, G generated positions, V vocabulary. Everything here is float32 unless the caller
+asks for float64 Gumbel noise (which needs `jax_enable_x64`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+ORDERS = ("random", "confidence", "margin", "entropy")
+SCHEDULES = ("dream", "llada", "threshold", "entropy_bound")
+# Dream's name for each position rule (reference/MODELS.md §1.8).
+DREAM_ALG = {"random": "origin", "confidence": "maskgit_plus", "margin": "topk_margin",
+             "entropy": "entropy"}
+
+
+# -- token distribution and candidate tokens ---------------------------------------------------
+
+
+def filter_logits(logits: Float[Array, "... v"], top_p: float | None, top_k: int | None):
+    """Dream's filters, in Dream's order: top-p (always keeping the best token), then top-k."""
+    floor = jnp.finfo(logits.dtype).min
+    if top_p is not None and top_p < 1.0:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+        # Drop a token once the mass before it already exceeds top_p (shifted right by one).
+        drop_sorted = jnp.concatenate(
+            [jnp.zeros_like(cum[..., :1], bool), cum[..., :-1] > top_p], axis=-1)
+        drop = jnp.put_along_axis(jnp.zeros_like(drop_sorted), order, drop_sorted, axis=-1,
+                                  inplace=False)
+        logits = jnp.where(drop, floor, logits)
+    if top_k is not None:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, floor, logits)
+    return logits
+
+
+def sampling_logits(logits: Float[Array, "... v"], temperature: float, top_p, top_k):
+    """The logits of the distribution tokens are drawn from: tempered, then filtered."""
+    if temperature > 0:
+        logits = logits / temperature
+    return filter_logits(logits, top_p, top_k)
+
+
+def draw_tokens(logits: Float[Array, "b g v"], gumbel: Float[Array, "b g v"] | None):
+    """Gumbel-max: argmax(logits + G) is an exact draw from softmax(logits); greedy if no noise.
+
+    `logits` are already tempered (`sampling_logits`); noise may be float64 (LLaDA's choice).
+    """
+    if gumbel is None:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jnp.argmax(logits.astype(gumbel.dtype) + gumbel, axis=-1).astype(jnp.int32)
+
+
+# -- position rules ----------------------------------------------------------------------------
+
+
+def position_scores(order: str, logits: Float[Array, "b g v"], tokens: Int[Array, "b g"],
+                    uniform: Float[Array, "b g"]) -> Float[Array, "b g"]:
+    """Higher is revealed first. `logits` are those of the sampling distribution (Dream's rule).
+
+    confidence: p(drawn token); margin: p(1st) - p(2nd); entropy: sum p log p (negative
+    entropy); random: uniform noise.
+    """
+    if order == "random":
+        return uniform
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    if order == "confidence":
+        return jnp.take_along_axis(probs, tokens[..., None], axis=-1)[..., 0]
+    if order == "margin":
+        top2 = jax.lax.top_k(probs, 2)[0]
+        return top2[..., 0] - top2[..., 1]
+    if order == "entropy":
+        return jnp.sum(probs * jnp.log(probs + 1e-10), axis=-1)
+    raise ValueError(order)
+
+
+def entropy(logits: Float[Array, "b g v"]) -> Float[Array, "b g"]:
+    """Shannon entropy in nats of softmax(logits), float32."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+
+
+def ranks(scores: Float[Array, "b g"], eligible: Bool[Array, "b g"]) -> Int[Array, "b g"]:
+    """Rank of each position by descending score among eligible ones (ineligible rank last).
+
+    A per-row top-k with a traced k is `rank < k` (lax.top_k needs a static k).
+    """
+    keyed = jnp.where(eligible, scores, -jnp.inf)
+    order = jnp.argsort(-keyed, axis=-1, stable=True)
+    g = scores.shape[-1]
+    positions = jnp.broadcast_to(jnp.arange(g, dtype=jnp.int32), scores.shape)
+    return jnp.put_along_axis(jnp.zeros_like(positions), order, positions, axis=-1, inplace=False)
+
+
+# -- count schedules -----------------------------------------------------------------------------
+
+
+def torch_linspace_f32(start: float, end: float, n: int) -> np.ndarray:
+    """`torch.linspace(start, end, n)` in float32, bit for bit (for n < 346 at least).
+
+    torch fills the first half forward and the second half backward from `end`, with a fused
+    multiply-add; a plain float32 linspace differs in the last bit, which moves Dream's floors.
+    """
+    step = np.float32((np.float32(end) - np.float32(start)) / np.float32(n - 1))
+    i = np.arange(n)
+    forward = np.float32(np.float64(start) + np.float64(step) * i)
+    backward = np.float32(np.float64(end) - np.float64(step) * (n - 1 - i))
+    return np.where(i < n // 2, forward, backward).astype(np.float32)
+
+
+def dream_reveal_fractions(steps: int, eps: float) -> np.ndarray:
+    """(steps,) float32 `1 - s/t` on Dream's grid t = linspace(1, eps, steps+1); the last is 1."""
+    t = torch_linspace_f32(1.0, eps, steps + 1)
+    frac = (np.float32(1.0) - t[1:] / t[:-1]).astype(np.float32)
+    frac[-1] = 1.0
+    return frac
+
+
+def dream_counts(masked: Float[Array, " b"], fraction: Array, last: Array, corrected: bool):
+    """Dream: floor(M (1 - s/t)), everything on the last step.
+
+    `masked` is M as float32 (per row, or Dream's batch average). With `corrected`, a step with
+    masks left reveals at least one token (Dream's grid makes the first step reveal none when
+    steps == masks, because float32 1 - s/t lands just below 1/M).
+    """
+    k = jnp.floor(masked * fraction).astype(jnp.int32)
+    if corrected:
+        k = jnp.maximum(k, 1)
+    return jnp.where(last, jnp.floor(masked).astype(jnp.int32), k)
+
+
+def llada_counts(masked: Int[Array, " b"], steps_left: Array) -> Int[Array, " b"]:
+    """LLaDA's even split of a block's masks over its steps, remainder on the first steps.
+
+    ceil(masks left / steps left) reproduces the precomputed split exactly, without storing it:
+    with n = q*S + m, the first m steps reveal q+1 and the rest q.
+    """
+    return (masked + steps_left - 1) // steps_left
+
+
+def threshold_selection(confidence: Float[Array, "b g"], rank: Int[Array, "b g"],
+                        eligible: Bool[Array, "b g"], threshold: float) -> Bool[Array, "b g"]:
+    """Fast-dLLM parallel decoding: every eligible position with p(token) > threshold, and the
+    best-ranked one in any case."""
+    return eligible & ((confidence > threshold) | (rank == 0))
+
+
+def entropy_bound_counts(entropies: Float[Array, "b g"], scores: Float[Array, "b g"],
+                         eligible: Bool[Array, "b g"], budget: float) -> Int[Array, " b"]:
+    """EB-sampler: the longest prefix (in rule order) with sum(H) - max(H) <= budget.
+
+    The first position always passes (its sum minus max is 0), so at least one is revealed.
+    """
+    keyed = jnp.where(eligible, scores, -jnp.inf)
+    order = jnp.argsort(-keyed, axis=-1, stable=True)
+    h = jnp.take_along_axis(jnp.where(eligible, entropies, jnp.inf), order, axis=-1)
+    spent = jnp.cumsum(h, axis=-1) - jax.lax.cummax(h, axis=1)
+    fits = (spent <= budget) & jnp.take_along_axis(eligible, order, axis=-1)
+    return jnp.sum(jnp.cumprod(fits, axis=-1), axis=-1).astype(jnp.int32)
