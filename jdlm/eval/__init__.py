@@ -1,0 +1,1 @@
+"""Evaluation: HumanEval, GSM8K, MAUVE, judge NLL, exact metrics on synthetic languages, speed."""
