@@ -226,3 +226,67 @@ def _llada_to_hf(cfg: ModelConfig) -> dict[str, Any]:
 
 _HF_READERS = {"dream": _dream_from_hf, "llada": _llada_from_hf}
 _HF_WRITERS = {"dream": _dream_to_hf, "llada": _llada_to_hf}
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+
+TRAIN_OBJECTIVES = ("mdlm", "sft", "ar")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One training run of `jdlm.train` (every objective shares these knobs).
+
+    `batch_size` is the global number of rows per optimizer step, split into `grad_accum`
+    micro-batches; the learning rate warms up linearly for `warmup_steps`, then follows
+    `schedule` ("cosine" down to `min_lr_ratio` of the peak, or "constant").
+    """
+
+    objective: str = "mdlm"
+    seq_len: int = 128
+    batch_size: int = 32
+    grad_accum: int = 1
+    steps: int = 1000
+    learning_rate: float = 3e-3
+    warmup_steps: int = 100
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    clip_norm: float = 1.0
+    compute_dtype: str = "float32"
+    remat: bool = False
+    eps: float = 1e-3
+    stratified: bool = True
+    crop_prob: float = 0.0
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 8
+    save_every: int = 100
+    keep: int = 2
+
+    def __post_init__(self):
+        if self.objective not in TRAIN_OBJECTIVES:
+            raise JdlmError(f"unknown objective {self.objective!r}; choose one of {TRAIN_OBJECTIVES}")
+        if self.schedule not in ("cosine", "constant"):
+            raise JdlmError(f"unknown schedule {self.schedule!r}; choose cosine or constant")
+        if self.compute_dtype not in ("float32", "bfloat16"):
+            raise JdlmError(f"compute_dtype={self.compute_dtype!r}; choose float32 or bfloat16")
+        for name in ("seq_len", "batch_size", "grad_accum", "steps", "log_every", "save_every", "keep"):
+            if getattr(self, name) < 1:
+                raise JdlmError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.batch_size % self.grad_accum:
+            raise JdlmError(f"batch_size={self.batch_size} is not a multiple of "
+                            f"grad_accum={self.grad_accum}")
+        if not 0 <= self.crop_prob <= 1 or not 0 < self.eps < 1:
+            raise JdlmError(f"crop_prob={self.crop_prob} must be in [0, 1] and eps={self.eps} in (0, 1)")
+
+    def replace(self, **changes) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
