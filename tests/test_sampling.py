@@ -28,12 +28,13 @@ MASK, EOS, EOT = 5, 4, 3
 
 def tiny_model(family: str, *, vocab=6, scale=1.0, seed=0, hidden=16, **overrides) -> Model:
     """A random tiny model; `scale` multiplies every weight so the distributions are peaked."""
-    cfg = ModelConfig(
+    fields = dict(
         family=family, vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
         num_layers=1, num_heads=2, num_kv_heads=2, head_dim=hidden // 2, rope_theta=1e4,
         norm_eps=1e-5, qkv_bias=family == "dream", tie_embeddings=False,
         logit_shift=int(family == "dream"), mask_token_id=vocab - 1, pad_token_id=vocab - 2,
-        eos_token_id=vocab - 2, eot_token_id=vocab - 3, max_position_embeddings=64, **overrides)
+        eos_token_id=vocab - 2, eot_token_id=vocab - 3, max_position_embeddings=64)
+    cfg = ModelConfig(**(fields | overrides))
     module = Transformer(cfg, rngs=nnx.Rngs(seed))
     if scale != 1.0:
         graphdef, state = nnx.split(module)
@@ -186,3 +187,241 @@ def test_one_pass_gives_the_product_of_marginals(enum_model, state_probs):
     exact = product_of_marginals(state_probs)
     tv = total_variation(empirical(enum_model, config), exact)
     assert tv < tv_bound(exact, ENUM_SAMPLES)
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. Published semantics at temperature 0: NumPy transcriptions of the reference loops
+# ------------------------------------------------------------------------------------------------
+# Both transcriptions differ from the published code in one documented way: the mask token is
+# never drawn (jdlm bans it; a random model would otherwise "reveal" a mask). Logits come from
+# `model.logits`, which already applies Dream's right shift (MODELS.md §1.6).
+
+SEM_VOCAB = 16
+SEM_PROMPTS = [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10, 11, 12, 2, 3]]
+
+
+def left_pad(prompts, width, pad):
+    tokens = np.full((len(prompts), width), pad, np.int64)
+    attention = np.zeros((len(prompts), width), np.int64)
+    for row, ids in enumerate(prompts):
+        tokens[row, width - len(ids):] = ids
+        attention[row, width - len(ids):] = 1
+    return tokens, attention
+
+
+def dream_reference(logits_fn, input_ids, attention_mask, mask_id, max_new_tokens, steps, alg,
+                    eps=1e-3):
+    """Dream `_sample` (MODELS.md §1.8), temperature 0, alg_temp 0; returns (x, revealed_at)."""
+    B = input_ids.shape[0]
+    x = np.concatenate([input_ids, np.full((B, max_new_tokens), mask_id)], axis=1)
+    attention_mask = np.concatenate([attention_mask, np.ones((B, max_new_tokens), np.int64)], 1)
+    revealed_at = np.full(x.shape, -1)
+    timesteps = torch.linspace(1, eps, steps + 1)
+    for i in range(steps):
+        mask_index = x == mask_id
+        logits = logits_fn(x, attention_mask).copy()
+        logits[..., mask_id] = -np.inf
+        mask_logits = logits[mask_index]
+        t, s = timesteps[i], timesteps[i + 1]
+        probs = softmax(mask_logits.astype(np.float32))
+        confidence, x0 = probs.max(-1), probs.argmax(-1)
+        if alg == "topk_margin":
+            sorted_probs = -np.sort(-probs, axis=-1)
+            confidence = sorted_probs[:, 0] - sorted_probs[:, 1]
+        elif alg == "entropy":
+            confidence = np.sum(probs * np.log(probs + 1e-10), axis=-1)
+        num_mask_token = torch.tensor(mask_index.sum()) / mask_index.shape[0]
+        number_transfer_tokens = (int(num_mask_token * (1 - s / t)) if i < steps - 1
+                                  else int(num_mask_token))
+        full_confidence = np.full(x.shape, -np.inf, np.float32)
+        full_confidence[mask_index] = confidence
+        if number_transfer_tokens > 0:
+            x_ = np.full(x.shape, mask_id)
+            x_[mask_index] = x0
+            for row in range(B):
+                idx = np.argsort(-full_confidence[row], kind="stable")[:number_transfer_tokens]
+                x[row, idx] = x_[row, idx]
+                revealed_at[row, idx] = i
+    return x, revealed_at
+
+
+def get_num_transfer_tokens(mask_index, steps):
+    """LLaDA's helper, verbatim in NumPy."""
+    mask_num = mask_index.sum(axis=1, keepdims=True)
+    base = mask_num // steps
+    remainder = mask_num % steps
+    num_transfer_tokens = np.zeros((mask_num.shape[0], steps), np.int64) + base
+    for i in range(mask_num.shape[0]):
+        num_transfer_tokens[i, :remainder[i, 0]] += 1
+    return num_transfer_tokens
+
+
+def llada_reference(logits_fn, prompt, attention_mask, steps, gen_length, block_length,
+                    cfg_scale, remasking, mask_id, logits_eos_inf=False,
+                    confidence_eos_eot_inf=False, eos=None, eot=None, rng=None):
+    """LLaDA `generate` (MODELS.md §2.6) at temperature 0; returns (x, revealed_at, counts)."""
+    B, P = prompt.shape
+    x = np.full((B, P + gen_length), mask_id)
+    x[:, :P] = prompt
+    attention_mask = np.concatenate([attention_mask, np.ones((B, gen_length), np.int64)], 1)
+    prompt_index = x != mask_id
+    revealed_at = np.full(x.shape, -1)
+    num_blocks = gen_length // block_length
+    steps = steps // num_blocks
+    counts = []
+    for num_block in range(num_blocks):
+        lo, hi = P + num_block * block_length, P + (num_block + 1) * block_length
+        num_transfer_tokens = get_num_transfer_tokens(x[:, lo:hi] == mask_id, steps)
+        for i in range(steps):
+            mask_index = x == mask_id
+            if cfg_scale > 0.0:
+                un_x = x.copy()
+                un_x[prompt_index] = mask_id
+                both = logits_fn(np.concatenate([x, un_x]),
+                                 np.concatenate([attention_mask, attention_mask]))
+                logits, un_logits = both[:B], both[B:]
+                logits = un_logits + (cfg_scale + 1) * (logits - un_logits)
+            else:
+                logits = logits_fn(x, attention_mask).copy()
+            logits[..., mask_id] = -np.inf
+            if logits_eos_inf:
+                logits[:, :, eos] = -np.inf
+            x0 = np.argmax(logits, axis=-1)  # add_gumbel_noise is the identity at T = 0
+            if confidence_eos_eot_inf:
+                logits[:, :, eot] = -np.inf  # the literal effect (EOS there hits unused logits)
+            if remasking == "low_confidence":
+                p = softmax(logits.astype(np.float32))
+                x0_p = np.take_along_axis(p, x0[..., None], -1)[..., 0]
+            else:
+                x0_p = rng.random(x0.shape)
+            x0_p[:, hi:] = -np.inf
+            x0 = np.where(mask_index, x0, x)
+            confidence = np.where(mask_index, x0_p, -np.inf)
+            counts.append(num_transfer_tokens[:, i])
+            for j in range(B):
+                select = np.argsort(-confidence[j], kind="stable")[:num_transfer_tokens[j, i]]
+                x[j, select] = x0[j, select]
+                revealed_at[j, select] = num_block * steps + i
+    return x, revealed_at, np.stack(counts, 1)
+
+
+@pytest.fixture(scope="module")
+def sem_models():
+    models = {family: tiny_model(family, vocab=SEM_VOCAB, scale=2.5, seed=1)
+              for family in ("dream", "llada")}
+    # EOS and EOT set to tokens this model does draw, so that the EOS controls matter.
+    models["llada_eos"] = tiny_model("llada", vocab=SEM_VOCAB, scale=2.5, seed=1,
+                                     eos_token_id=3, eot_token_id=10)
+    return models
+
+
+def padded_prompts(model, gen_length):
+    cfg = model.config
+    width = sampling.prompt_bucket(max(map(len, SEM_PROMPTS)), gen_length,
+                                   cfg.max_position_embeddings)
+    return left_pad(SEM_PROMPTS, width, cfg.pad_token_id), width
+
+
+def logits_fn(model):
+    return lambda x, am: np.asarray(model.logits(x, am), np.float32)
+
+
+def jdlm_run(model, config, width):
+    tokens, history = generate(model, SEM_PROMPTS, config, return_history=True)
+    longest = max(map(len, SEM_PROMPTS))
+    return tokens[:, longest:], history[:, longest:]
+
+
+@pytest.mark.parametrize("alg", ["maskgit_plus", "topk_margin", "entropy"])
+@pytest.mark.parametrize("gen_length,steps", [(8, 8), (8, 4)])
+def test_dream_algorithms_match_the_published_loop(sem_models, alg, gen_length, steps):
+    model = sem_models["dream"]
+    order = {"maskgit_plus": "confidence", "topk_margin": "margin", "entropy": "entropy"}[alg]
+    (prompt, attention), width = padded_prompts(model, gen_length)
+    ref_x, ref_at = dream_reference(logits_fn(model), prompt, attention, model.config.mask_token_id,
+                                    gen_length, steps, alg)
+    config = SamplerConfig(gen_length=gen_length, steps=steps, order=order, schedule="dream",
+                           faithful=True)
+    tokens, history = jdlm_run(model, config, width)
+    np.testing.assert_array_equal(history, ref_at[:, width:])
+    np.testing.assert_array_equal(tokens, ref_x[:, width:])
+    if steps == gen_length:  # the documented quirk: nothing in the first pass, two in the last
+        assert not (history == 0).any() and ((history == steps - 1).sum(1) == 2).all()
+
+
+LLADA_CASES = [
+    dict(steps=8, gen_length=8, block_length=4, cfg_scale=0.0),
+    dict(steps=6, gen_length=12, block_length=4, cfg_scale=0.5),
+    dict(steps=4, gen_length=8, block_length=8, cfg_scale=1.0),
+    dict(steps=8, gen_length=8, block_length=2, cfg_scale=0.0, logits_eos_inf=True),
+    dict(steps=8, gen_length=8, block_length=2, cfg_scale=0.0, confidence_eos_eot_inf=True),
+]
+
+
+@pytest.mark.parametrize("case", LLADA_CASES, ids=lambda c: "-".join(f"{v}" for v in c.values()))
+def test_llada_low_confidence_matches_the_published_loop(sem_models, case):
+    eos_controls = case.get("logits_eos_inf") or case.get("confidence_eos_eot_inf")
+    model = sem_models["llada_eos" if eos_controls else "llada"]
+    cfg = model.config
+    (prompt, attention), width = padded_prompts(model, case["gen_length"])
+    ref_x, ref_at, _ = llada_reference(logits_fn(model), prompt, attention, remasking="low_confidence",
+                                       mask_id=cfg.mask_token_id, eos=cfg.eos_token_id,
+                                       eot=cfg.eot_token_id, **case)
+    config = SamplerConfig(order="confidence", schedule="llada", faithful=True, **case)
+    tokens, history = jdlm_run(model, config, width)
+    np.testing.assert_array_equal(history, ref_at[:, width:])
+    np.testing.assert_array_equal(tokens, ref_x[:, width:])
+    if eos_controls:  # the control changes this model's output, so the comparison has power
+        plain = config.replace(logits_eos_inf=False, confidence_eos_eot_inf=False)
+        plain_tokens, plain_history = jdlm_run(model, plain, width)
+        assert not (np.array_equal(plain_tokens, tokens) and np.array_equal(plain_history, history))
+
+
+def test_random_rules_reveal_the_published_counts_in_the_active_block(sem_models):
+    """Random positions cannot be compared draw for draw; their law is checked by enumeration.
+    Here: LLaDA `random` reveals the published count per step, only inside the current block."""
+    model = sem_models["llada"]
+    case = dict(steps=6, gen_length=12, block_length=4, cfg_scale=0.0)
+    (prompt, attention), width = padded_prompts(model, case["gen_length"])
+    _, _, counts = llada_reference(logits_fn(model), prompt, attention, remasking="random",
+                                   mask_id=model.config.mask_token_id,
+                                   rng=np.random.default_rng(0), **case)
+    config = SamplerConfig(order="random", schedule="llada", temperature=1.0, **case)
+    _, history = jdlm_run(model, config, width)
+    jdlm_counts = np.stack([(history == i).sum(1) for i in range(case["steps"])], 1)
+    np.testing.assert_array_equal(jdlm_counts, counts)
+    steps_per_block = case["steps"] // (case["gen_length"] // case["block_length"])
+    block = np.arange(case["gen_length"]) // case["block_length"]
+    assert (history // steps_per_block == block).all()
+
+
+def test_dream_grid_is_torch_linspace_bit_for_bit():
+    for n in (2, 3, 9, 65, 257, 345):
+        np.testing.assert_array_equal(torch_linspace_f32(1.0, 1e-3, n),
+                                      torch.linspace(1, 1e-3, n).numpy())
+
+
+def test_dream_counts_faithful_and_corrected():
+    """MODELS.md §1.8: N=512, steps=512 gives [0, 1, ..., 1, 2]; the corrected default 1 each."""
+
+    def counts(n, steps, corrected):
+        frac, left, out = dream_reveal_fractions(steps, 1e-3), n, []
+        for i in range(steps):
+            k = left if i == steps - 1 else int(np.float32(left) * frac[i])
+            k = max(k, 1) if corrected and left else k
+            out.append(min(k, left))
+            left -= out[-1]
+        return out
+
+    assert counts(512, 512, False) == [0] + [1] * 510 + [2]
+    assert counts(128, 64, False)[0] == 1 and counts(128, 64, False)[-1] == 3
+    assert counts(16, 4, False) == [3, 4, 4, 5]
+    assert counts(512, 512, True) == [1] * 512
+
+
+def test_corrected_dream_default_reveals_one_token_per_pass(sem_models):
+    model = sem_models["dream"]
+    config = SamplerConfig(gen_length=8, steps=8, order="entropy", schedule="dream")
+    _, history = generate(model, SEM_PROMPTS, config, return_history=True)
+    gen = history[:, -8:]
+    assert all(sorted(row) == list(range(8)) for row in gen.tolist())
