@@ -81,6 +81,52 @@ def cmd_info(args) -> None:
         print(f"  {name:<18} {str(tuple(v.shape)):<28} {tuple(v.axes)}")
 
 
+# -- train / tokenizer ------------------------------------------------------------------------
+
+# Flags of `jdlm train` that map one-to-one onto TrainConfig fields.
+_TRAIN_FLAGS = {"objective": str, "seq_len": int, "batch_size": int, "grad_accum": int,
+                "steps": int, "learning_rate": float, "warmup_steps": int, "schedule": str,
+                "weight_decay": float, "clip_norm": float, "crop_prob": float, "seed": int,
+                "log_every": int, "eval_every": int, "eval_batches": int, "save_every": int,
+                "keep": int}
+_MODEL_FLAGS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                "max_position_embeddings")
+
+
+def cmd_train(args) -> None:
+    from jdlm.config import TrainConfig
+    from jdlm.train import get_preset, run
+
+    preset = get_preset(args.preset) if args.preset else None
+    if preset is None and not args.data:
+        raise JdlmError("pass --data SOURCE (or --preset NAME, e.g. --preset tiny-pydocs)")
+    overrides = {k: getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k) is not None}
+    if args.bf16:
+        overrides["compute_dtype"] = "bfloat16"
+    if args.remat:
+        overrides["remat"] = True
+    tc = TrainConfig(**{**(preset.train if preset else {}), **overrides})
+    model_shape = {**(preset.model if preset else {
+        "hidden_size": 128, "intermediate_size": 384, "num_layers": 4, "num_heads": 4,
+        "num_kv_heads": 4, "max_position_embeddings": 512})}
+    model_shape.update({k: getattr(args, k) for k in _MODEL_FLAGS if getattr(args, k) is not None})
+    name = args.preset or Path(args.data).stem.replace(":", "-")
+    name += "" if tc.objective == "mdlm" else f"-{tc.objective}"
+    out_dir = args.out or f"checkpoints/{name}"
+    summary = run(tc, data=args.data or preset.data, run_dir=args.run_dir or f"{out_dir}.run",
+                  out_dir=out_dir, mesh=args.mesh,
+                  vocab_size=args.vocab_size or (preset.vocab_size if preset else 2048),
+                  heldout_fraction=preset.heldout_fraction if preset else args.heldout_fraction,
+                  model_shape=model_shape, init=args.init, progress=not args.no_progress)
+    print(json.dumps({k: v for k, v in summary.items() if k != "train_config"}, indent=2))
+
+
+def cmd_tokenizer_train(args) -> None:
+    from jdlm.data import load_texts, train_tokenizer
+
+    print(f"wrote {train_tokenizer(load_texts(args.data), args.vocab_size, args.out)}")
+
+
 # -- eval -------------------------------------------------------------------------------------
 
 
@@ -160,6 +206,33 @@ def build_parser() -> argparse.ArgumentParser:
                                 "config name (dream-v0-base-7b, llada-8b-base)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
+    p = sub.add_parser("train", help="train a model (MDLM, SFT or the AR baseline) on CPU/GPU/TPU")
+    p.add_argument("--preset", default=None, help="named recipe: tiny-pydocs, tiny-bigram")
+    p.add_argument("--data", default=None,
+                   help="pydocs, pystdlib, pydocs+pystdlib, a .txt/.jsonl path, tfds:NAME[:SPLIT] "
+                        "or synthetic:bigram (default: the preset's)")
+    p.add_argument("--out", default=None, help="exported checkpoint (default checkpoints/NAME)")
+    p.add_argument("--run-dir", default=None, help="resumable run state (default OUT.run)")
+    p.add_argument("--init", default=None, help="start from this converted checkpoint")
+    p.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary for text data")
+    p.add_argument("--heldout-fraction", type=float, default=0.05)
+    for flag, kind in _TRAIN_FLAGS.items():
+        p.add_argument("--" + flag.replace("_", "-"), type=kind, default=None)
+    for flag in _MODEL_FLAGS:
+        p.add_argument("--" + flag.replace("_", "-"), type=int, default=None)
+    p.add_argument("--bf16", action="store_true", help="bfloat16 compute (float32 parameters)")
+    p.add_argument("--remat", action="store_true", help="rematerialise each layer's activations")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_mesh(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("tokenizer", help="tokenizer tools")
+    tsub = p.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
+    t = tsub.add_parser("train", help="train a byte-level BPE and write tokenizer.json")
+    t.add_argument("--data", default="pydocs", help="text source (as for `jdlm train`)")
+    t.add_argument("--vocab-size", type=int, default=2048)
+    t.add_argument("--out", required=True, help="directory for tokenizer.json")
+    t.set_defaults(func=cmd_tokenizer_train)
 
     p = sub.add_parser("eval", help="score generations: humaneval, gsm8k, mauve")
     esub = p.add_subparsers(dest="eval_command", required=True, metavar="BENCHMARK")
