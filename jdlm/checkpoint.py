@@ -48,7 +48,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
 INDEX_FILE = "model.safetensors.index.json"
 
 # ----------------------------------------------------------------------------------------------
-# Key layouts: jdlm parameter <-> HF key, with the reshapes between them (HF Linear is [out, in])
+# Key layouts: jdlm parameter <-> HF key, with the reshapes between them (no transposes)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -67,32 +67,16 @@ def _identity(a):
     return a
 
 
-def _transpose(a):
-    return np.ascontiguousarray(a.T)
+def _split_rows(heads: int, head_dim: int):
+    """HF [heads*head_dim, ...] <-> jdlm [heads, head_dim, ...] (q/k/v kernels and biases)."""
+    return ((lambda a: a.reshape(heads, head_dim, *a.shape[1:])),
+            (lambda a: a.reshape(heads * head_dim, *a.shape[2:])))
 
 
-def _in_heads(heads: int, head_dim: int):
-    """HF [heads*head_dim, embed] -> jdlm [embed, heads, head_dim] (q/k/v kernels)."""
-    def to_jdlm(a):
-        return np.ascontiguousarray(a.T).reshape(a.shape[1], heads, head_dim)
-
-    def to_hf(a):
-        return np.ascontiguousarray(a.reshape(a.shape[0], heads * head_dim).T)
-    return to_jdlm, to_hf
-
-
-def _out_heads(heads: int, head_dim: int):
-    """HF [embed, heads*head_dim] -> jdlm [heads, head_dim, embed] (attention output)."""
-    def to_jdlm(a):
-        return np.ascontiguousarray(a.T).reshape(heads, head_dim, a.shape[0])
-
-    def to_hf(a):
-        return np.ascontiguousarray(a.reshape(heads * head_dim, a.shape[-1]).T)
-    return to_jdlm, to_hf
-
-
-def _bias(heads: int, head_dim: int):
-    return (lambda a: a.reshape(heads, head_dim)), (lambda a: a.reshape(heads * head_dim))
+def _split_cols(heads: int, head_dim: int):
+    """HF [embed, heads*head_dim] <-> jdlm [embed, heads, head_dim] (attention output)."""
+    return ((lambda a: a.reshape(a.shape[0], heads, head_dim)),
+            (lambda a: a.reshape(a.shape[0], heads * head_dim)))
 
 
 # jdlm name -> HF key template, per family. `{i}` is the layer index.
@@ -138,12 +122,10 @@ def tensor_plan(cfg: ModelConfig) -> list[Tensor]:
     """Every HF tensor of a checkpoint with this config, in file order (globals, then by layer)."""
     keys = KEY_LAYOUTS[cfg.family]
     n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    shapes = {
-        "layers/q": _in_heads(n, h), "layers/k": _in_heads(k, h), "layers/v": _in_heads(k, h),
-        "layers/q_bias": _bias(n, h), "layers/k_bias": _bias(k, h), "layers/v_bias": _bias(k, h),
-        "layers/o": _out_heads(n, h),
-        "layers/gate": (_transpose, _transpose), "layers/up": (_transpose, _transpose),
-        "layers/down": (_transpose, _transpose), "lm_head": (_transpose, _transpose),
+    shapes = {  # every other tensor is stored exactly as on disk
+        "layers/q": _split_rows(n, h), "layers/k": _split_rows(k, h), "layers/v": _split_rows(k, h),
+        "layers/q_bias": _split_rows(n, h), "layers/k_bias": _split_rows(k, h),
+        "layers/v_bias": _split_rows(k, h), "layers/o": _split_cols(n, h),
     }
     plan = []
     globals_ = ["embed", "final_norm"] + ([] if cfg.tie_embeddings else ["lm_head"])
@@ -379,14 +361,49 @@ def load(path: str | Path, *, dtype=None, mesh=None, attn_impl: str | None = Non
     return params.model(metadata=meta, mesh=mesh, attn_impl=attn_impl, path=str(path))
 
 
-def _checkpointer():
-    import orbax.checkpoint as ocp
-    return ocp.StandardCheckpointer()
-
-
 def _group_dirs(cfg: ModelConfig) -> list[tuple[str, int | None]]:
-    names = ["embed", "final_norm"] + ([] if cfg.tie_embeddings else ["lm_head"])
-    return [(n, None) for n in names] + [("layers", i) for i in range(cfg.num_layers)]
+    """Parameter groups in write order: the two big tables at the ends, layers in between."""
+    tail = [] if cfg.tie_embeddings else [("lm_head", None)]
+    return ([("embed", None)] + [("layers", i) for i in range(cfg.num_layers)] + tail
+            + [("final_norm", None)])
+
+
+class _GroupWriter:
+    """Writes parameter groups as uncompressed Orbax checkpoints, one in flight at a time.
+
+    Each write runs in the background while the next group is read, unless the two together
+    would exceed `overlap_bytes` (then the write is awaited first), which bounds host memory.
+    Compression is off: weights are incompressible and zstd would make conversion CPU-bound.
+    Callers must not modify a tree after handing it to `write`.
+    """
+
+    def __init__(self, root: Path, overlap_bytes: int = 2**30):
+        import orbax.checkpoint as ocp
+
+        self.ocp, self.root, self.overlap_bytes = ocp, root, overlap_bytes
+        # The arrays handed over are never mutated afterwards, so Orbax's defensive copy of
+        # every host array (a second copy of each tensor in memory) is skipped.
+        registry = ocp.type_handlers.create_type_handler_registry(
+            (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
+        self.ckpt = ocp.AsyncCheckpointer(ocp.PyTreeCheckpointHandler(
+            use_compression=False, type_handler_registry=registry))
+        self.in_flight = 0
+
+    def reserve(self, nbytes: int) -> None:
+        if self.in_flight and self.in_flight + nbytes > self.overlap_bytes:
+            self.ckpt.wait_until_finished()
+            self.in_flight = 0
+
+    def write(self, name: str, layer: int | None, tree: dict[str, np.ndarray]) -> None:
+        self.ckpt.wait_until_finished()
+        save_args = {k: self.ocp.SaveArgs(chunk_byte_size=64 * 2**20) for k in tree}
+        self.ckpt.save(_group_path(self.root, name, layer),
+                       args=self.ocp.args.PyTreeSave(tree, save_args=save_args))
+        self.in_flight = sum(a.nbytes for a in tree.values())
+
+    def close(self) -> None:
+        self.ckpt.wait_until_finished()
+        self.ckpt.close()
 
 
 def _group_path(root: Path, name: str, layer: int | None) -> Path:
@@ -432,21 +449,24 @@ def convert(hf_dir: str | Path, out_dir: str | Path, *, dtype=None) -> Path:
     source = HFSource(hf_dir)
     cfg = source.config
     target = _dtype(dtype) or source.disk_dtype
-    ckpt = _checkpointer()
     by_group: dict[tuple[str, int | None], list[Tensor]] = {}
     for t in source.plan:
         group = ("layers", t.layer) if t.layer is not None else (t.name, None)
         by_group.setdefault(group, []).append(t)
+    sizes = hf_shapes(cfg)
     with atomic_directory(out_dir) as tmp:
+        writer = _GroupWriter(tmp)
         bar = tqdm(total=len(source.plan), desc=f"converting {Path(hf_dir).name}", unit="tensor")
-        for (name, layer), tensors in by_group.items():
+        for group in _group_dirs(cfg):
+            tensors = by_group[group]
+            writer.reserve(sum(int(np.prod(sizes[t.hf_key])) for t in tensors) * target.itemsize)
             tree = {}
             for t in tensors:
                 tree[t.name.split("/")[-1]] = source.read(t, target)
                 bar.update()
-            ckpt.save(_group_path(tmp, name, layer), tree)
-            ckpt.wait_until_finished()
+            writer.write(*group, tree)
             del tree
+        writer.close()
         bar.close()
         for extra in source.extra_files():
             shutil.copy2(extra, tmp / extra.name)
@@ -459,16 +479,16 @@ def save(model: Model, out_dir: str | Path, *, extra_metadata: dict | None = Non
     """Write a loaded or trained model in the converted-checkpoint format."""
     cfg = model.config
     flat = {"/".join(map(str, p)): v[...] for p, v in nnx.to_flat_state(nnx.state(model.module, nnx.Param))}
-    ckpt = _checkpointer()
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        writer = _GroupWriter(tmp)
         for name, layer in _group_dirs(cfg):
             if layer is None:
                 tree = {name: np.asarray(jax.device_get(flat[name]))}
             else:
                 tree = {n.split("/")[-1]: np.asarray(jax.device_get(v[layer]))
                         for n, v in flat.items() if n.startswith("layers/")}
-            ckpt.save(_group_path(tmp, name, layer), tree)
-            ckpt.wait_until_finished()
+            writer.write(name, layer, tree)
+        writer.close()
         for extra in extra_files:
             shutil.copy2(extra, tmp / Path(extra).name)
         meta = _metadata(cfg, model.dtype, model.metadata.get("source", "jdlm"), extra_metadata)
@@ -515,7 +535,12 @@ def read_metadata(path: str | Path) -> dict:
 
 
 def _restore_group(root: Path, name: str, layer: int | None, targets: dict[str, jax.ShapeDtypeStruct]):
-    return _checkpointer().restore(_group_path(root, name, layer), targets)
+    """Read one group straight into the targets' shardings."""
+    import orbax.checkpoint as ocp
+
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckpt:
+        return ckpt.restore(_group_path(root, name, layer), args=ocp.args.PyTreeRestore(
+            item=targets, restore_args=ocp.checkpoint_utils.construct_restore_args(targets)))
 
 
 def _load_converted(path: Path, dtype, mesh, attn_impl) -> Model:

@@ -1,5 +1,8 @@
 """One bidirectional transformer for both families (Dream, LLaDA) and jdlm's own tiny models.
 
+Weights keep the Hugging Face [out, in] orientation (projections split into heads), so a
+converted checkpoint is the HF tensors reshaped, never transposed: conversion moves bytes only.
+
 Parameters live in Flax NNX modules and carry logical axis names (`axes` metadata, resolved by
 `jdlm.sharding`). The arithmetic is plain functions of arrays, so the same decoder layer serves
 the stacked model (under `lax.scan`) and the one-layer ADJUST sampler.
@@ -89,19 +92,19 @@ def decoder_layer(
 ) -> Float[Array, "b l d"]:
     """One pre-norm block: GQA self-attention with RoPE, then a SwiGLU MLP, both residual."""
     h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
-    q = jnp.einsum("bld,dnh->blnh", h, p["q"])
-    k = jnp.einsum("bld,dnh->blnh", h, p["k"])
-    v = jnp.einsum("bld,dnh->blnh", h, p["v"])
+    q = jnp.einsum("bld,nhd->blnh", h, p["q"])
+    k = jnp.einsum("bld,nhd->blnh", h, p["k"])
+    v = jnp.einsum("bld,nhd->blnh", h, p["v"])
     if cfg.qkv_bias:
         q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
     q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     o = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=attn_impl)
-    x = x + jnp.einsum("blnh,nhd->bld", o, p["o"])
+    x = x + jnp.einsum("blnh,dnh->bld", o, p["o"])
     x = constrain(x, ("batch", "length", None))
     h = rms_norm(x, p["mlp_norm"], cfg.norm_eps)
-    gate = jnp.einsum("bld,df->blf", h, p["gate"])
-    up = jnp.einsum("bld,df->blf", h, p["up"])
-    x = x + jnp.einsum("blf,fd->bld", jax.nn.silu(gate) * up, p["down"])
+    gate = jnp.einsum("bld,fd->blf", h, p["gate"])
+    up = jnp.einsum("bld,fd->blf", h, p["up"])
+    x = x + jnp.einsum("blf,df->bld", jax.nn.silu(gate) * up, p["down"])
     return constrain(x, ("batch", "length", None))
 
 
@@ -137,18 +140,18 @@ class DecoderLayer(nnx.Module):
             return nnx.Param(jnp.full(lead + shape, value, dtype), axes=lead_axes + axes)
 
         self.attn_norm = const((d,), ("embed",), 1.0)
-        self.q = weight((d, n, h), ("embed", "heads", "head_dim"))
-        self.k = weight((d, k, h), ("embed", "kv_heads", "head_dim"))
-        self.v = weight((d, k, h), ("embed", "kv_heads", "head_dim"))
+        self.q = weight((n, h, d), ("heads", "head_dim", "embed"))
+        self.k = weight((k, h, d), ("kv_heads", "head_dim", "embed"))
+        self.v = weight((k, h, d), ("kv_heads", "head_dim", "embed"))
         if cfg.qkv_bias:
             self.q_bias = const((n, h), ("heads", "head_dim"), 0.0)
             self.k_bias = const((k, h), ("kv_heads", "head_dim"), 0.0)
             self.v_bias = const((k, h), ("kv_heads", "head_dim"), 0.0)
-        self.o = weight((n, h, d), ("heads", "head_dim", "embed"))
+        self.o = weight((d, n, h), ("embed", "heads", "head_dim"))
         self.mlp_norm = const((d,), ("embed",), 1.0)
-        self.gate = weight((d, f), ("embed", "mlp"))
-        self.up = weight((d, f), ("embed", "mlp"))
-        self.down = weight((f, d), ("mlp", "embed"))
+        self.gate = weight((f, d), ("mlp", "embed"))
+        self.up = weight((f, d), ("mlp", "embed"))
+        self.down = weight((d, f), ("embed", "mlp"))
 
     def arrays(self, dtype=None) -> dict[str, Array]:
         """The parameter values by name, optionally cast to a compute dtype."""
@@ -166,8 +169,8 @@ class Transformer(nnx.Module):
         self.layers = DecoderLayer(cfg, rngs=rngs, num_layers=cfg.num_layers, dtype=dtype)
         self.final_norm = nnx.Param(jnp.ones((cfg.hidden_size,), dtype), axes=("embed",))
         if not cfg.tie_embeddings:
-            self.lm_head = nnx.Param(_normal(rngs, (cfg.hidden_size, cfg.vocab_size), dtype),
-                                     axes=("embed", "vocab"))
+            self.lm_head = nnx.Param(_normal(rngs, (cfg.vocab_size, cfg.hidden_size), dtype),
+                                     axes=("vocab", "embed"))
 
     def embed_tokens(self, tokens: Int[Array, "b l"], dtype=None) -> Float[Array, "b l d"]:
         table = self.embed[...]
@@ -176,11 +179,8 @@ class Transformer(nnx.Module):
 
     def head(self, h: Float[Array, "b l d"]) -> Float[Array, "b l v"]:
         """Output logits in float32 (the embedding transposed when tied)."""
-        if self.config.tie_embeddings:
-            w = self.embed[...].astype(h.dtype)
-            return jnp.einsum("bld,vd->blv", h, w, preferred_element_type=jnp.float32)
-        w = self.lm_head[...].astype(h.dtype)
-        return jnp.einsum("bld,dv->blv", h, w, preferred_element_type=jnp.float32)
+        w = (self.embed if self.config.tie_embeddings else self.lm_head)[...].astype(h.dtype)
+        return jnp.einsum("bld,vd->blv", h, w, preferred_element_type=jnp.float32)
 
     def __call__(
         self,

@@ -86,8 +86,8 @@ def test_info_prints_published_parameter_counts(capsys):
     assert cli(["info", "llada-8b-base", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["parameters"] == 8_015_581_184 and info["family"] == "llada"
-    assert info["shapes"]["layers/q"] == {"shape": [32, 4096, 32, 128],
-                                         "axes": ["layers", "embed", "heads", "head_dim"]}
+    assert info["shapes"]["layers/q"] == {"shape": [32, 32, 128, 4096],
+                                         "axes": ["layers", "heads", "head_dim", "embed"]}
 
 
 # -- bad input: a clear message, nothing written ------------------------------------------------
@@ -211,11 +211,11 @@ def test_tampered_metadata_is_refused(tmp_path):
     with pytest.raises(JdlmError, match="logit_shift=0 but its config says 1"):
         jdlm.load(tmp_path / "out")
     meta["logit_shift"] = 1
-    meta["params"]["layers/q"] = [2, 32, 4, 9]
+    meta["params"]["layers/q"] = [2, 4, 9, 32]
     meta_file.write_text(json.dumps(meta))
     with pytest.raises(JdlmError, match="layers/q"):
         jdlm.load(tmp_path / "out")
-    meta["params"]["layers/q"] = [2, 32, 4, 8]
+    meta["params"]["layers/q"] = [2, 4, 8, 32]
     meta_file.write_text(json.dumps(meta))
     shutil.rmtree(tmp_path / "out" / "params" / "layers" / "001")
     with pytest.raises(JdlmError, match="params/layers/001"):
@@ -233,8 +233,8 @@ def test_sharded_load_matches_reference_on_8_devices(tmp_path):
 import numpy as np, jdlm
 model = jdlm.load({str(tmp_path / 'out')!r}, mesh="data=1,fsdp=4,tensor=2")
 q = model.state["layers"]["q"][...]
-assert tuple(q.sharding.spec) == (None, "fsdp", "tensor", None), q.sharding.spec
-assert len(q.addressable_shards) == 8 and q.addressable_shards[0].data.shape == (2, 16, 2, 16)
+assert tuple(q.sharding.spec) == (None, "tensor", None, "fsdp"), q.sharding.spec
+assert len(q.addressable_shards) == 8 and q.addressable_shards[0].data.shape == (2, 2, 16, 16)
 got = np.asarray(model.logits(np.load({str(tmp_path / 'tokens.npy')!r})))
 want = np.load({str(tmp_path / 'want.npy')!r})
 print("maxdiff", np.abs(got - want).max())
