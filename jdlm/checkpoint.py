@@ -401,7 +401,11 @@ class _GroupWriter:
                        args=self.ocp.args.PyTreeSave(tree, save_args=save_args))
         self.in_flight = sum(a.nbytes for a in tree.values())
 
-    def close(self) -> None:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        # Also on errors: a background write must finish before its directory is removed.
         self.ckpt.wait_until_finished()
         self.ckpt.close()
 
@@ -454,20 +458,19 @@ def convert(hf_dir: str | Path, out_dir: str | Path, *, dtype=None) -> Path:
         group = ("layers", t.layer) if t.layer is not None else (t.name, None)
         by_group.setdefault(group, []).append(t)
     sizes = hf_shapes(cfg)
-    with atomic_directory(out_dir) as tmp:
-        writer = _GroupWriter(tmp)
-        bar = tqdm(total=len(source.plan), desc=f"converting {Path(hf_dir).name}", unit="tensor")
-        for group in _group_dirs(cfg):
-            tensors = by_group[group]
-            writer.reserve(sum(int(np.prod(sizes[t.hf_key])) for t in tensors) * target.itemsize)
-            tree = {}
-            for t in tensors:
-                tree[t.name.split("/")[-1]] = source.read(t, target)
-                bar.update()
-            writer.write(*group, tree)
-            del tree
-        writer.close()
-        bar.close()
+    with atomic_directory(out_dir) as tmp, _GroupWriter(tmp) as writer:
+        with tqdm(total=len(source.plan), desc=f"converting {Path(hf_dir).name}",
+                  unit="tensor") as bar:
+            for group in _group_dirs(cfg):
+                tensors = by_group[group]
+                writer.reserve(sum(int(np.prod(sizes[t.hf_key])) for t in tensors)
+                               * target.itemsize)
+                tree = {}
+                for t in tensors:
+                    tree[t.name.split("/")[-1]] = source.read(t, target)
+                    bar.update()
+                writer.write(*group, tree)
+                del tree
         for extra in source.extra_files():
             shutil.copy2(extra, tmp / extra.name)
         (tmp / METADATA_FILE).write_text(json.dumps(_metadata(cfg, target, str(hf_dir)), indent=2))
@@ -480,15 +483,14 @@ def save(model: Model, out_dir: str | Path, *, extra_metadata: dict | None = Non
     cfg = model.config
     flat = {"/".join(map(str, p)): v[...] for p, v in nnx.to_flat_state(nnx.state(model.module, nnx.Param))}
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        writer = _GroupWriter(tmp)
-        for name, layer in _group_dirs(cfg):
-            if layer is None:
-                tree = {name: np.asarray(jax.device_get(flat[name]))}
-            else:
-                tree = {n.split("/")[-1]: np.asarray(jax.device_get(v[layer]))
-                        for n, v in flat.items() if n.startswith("layers/")}
-            writer.write(name, layer, tree)
-        writer.close()
+        with _GroupWriter(tmp) as writer:
+            for name, layer in _group_dirs(cfg):
+                if layer is None:
+                    tree = {name: np.asarray(jax.device_get(flat[name]))}
+                else:
+                    tree = {n.split("/")[-1]: np.asarray(jax.device_get(v[layer]))
+                            for n, v in flat.items() if n.startswith("layers/")}
+                writer.write(name, layer, tree)
         for extra in extra_files:
             shutil.copy2(extra, tmp / Path(extra).name)
         meta = _metadata(cfg, model.dtype, model.metadata.get("source", "jdlm"), extra_metadata)
