@@ -88,7 +88,8 @@ def position_scores(order: str, logits: Float[Array, "b g v"], tokens: Int[Array
 def entropy(logits: Float[Array, "b g v"]) -> Float[Array, "b g"]:
     """Shannon entropy in nats of softmax(logits), float32."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+    # Banned tokens have p = 0 and log p = -inf: they contribute 0, not nan.
+    return -jnp.sum(jnp.where(jnp.isfinite(logp), jnp.exp(logp) * logp, 0.0), axis=-1)
 
 
 def ranks(scores: Float[Array, "b g"], eligible: Bool[Array, "b g"]) -> Int[Array, "b g"]:
