@@ -84,3 +84,8 @@ def test_user_errors(tmp_path, monkeypatch):
         load_split("test")
     with pytest.raises(JdlmError, match="not in the reference set"):
         score([{"question": "unknown", "output": "1"}], [])
+
+
+def test_non_numeric_answer_is_an_error():
+    with pytest.raises(JdlmError, match="not a number"):
+        score([{"output": "The answer is 3.", "answer": "three"}])

@@ -172,3 +172,13 @@ def test_bad_samples_are_user_errors():
         evaluate([{"task_id": "HumanEval/9999", "completion": ""}], problems)
     with pytest.raises(JdlmError, match="completion"):
         evaluate([{"task_id": "HumanEval/0"}], problems)
+
+
+def test_without_root_the_rlimits_and_audit_hook_still_apply(monkeypatch, tmp_path):
+    # The non-root path (no namespaces, no uid change), exercised here by pretending.
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert run_python("import math\nprint(math.factorial(5))\n", LOW).output.strip() == "120"
+    assert not run_python("import socket\nsocket.socket()\n", LOW).passed
+    assert not run_python(f"open({str(tmp_path / 'x')!r}, 'w')\n", LOW).passed
+    assert run_python("while True:\n    pass\n", LOW).timed_out
+    assert "MemoryError" in run_python("x = bytearray(8 * 2**30)\n", LOW).output

@@ -155,6 +155,8 @@ def score(predictions: list[dict], reference: list[dict] | None = None,
                             "matching --data")
         gold = str(gold)
         gold = reference_answer(gold) if "####" in gold else normalize_number(gold)
+        if gold is None:
+            raise JdlmError(f"prediction {i}: answer {p.get('answer')!r} is not a number")
         predicted = extract_answer(p["output"])
         rows.append({"question": p.get("question"), "gold": gold, "predicted": predicted,
                      "correct": predicted is not None and predicted == gold,

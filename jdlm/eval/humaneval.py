@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from jdlm.errors import JdlmError
 from jdlm.eval.io import read_jsonl, write_jsonl_atomic
-from jdlm.eval.sandbox import SandboxLimits, run_python
+from jdlm.eval.sandbox import SandboxLimits, check_sandbox, run_python
 
 DEFAULT_KS = (1, 10, 100)
 
@@ -62,6 +62,8 @@ def evaluate(samples: list[dict], problems: dict[str, dict] | None = None,
         if s["task_id"] not in problems:
             raise JdlmError(f"sample {i}: unknown task_id {s['task_id']!r} (expected e.g. "
                             f"{next(iter(problems))!r})")
+
+    check_sandbox(limits)
 
     def run(sample: dict) -> dict:
         res = run_python(program(problems[sample["task_id"]], sample["completion"]), limits)

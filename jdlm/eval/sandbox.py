@@ -97,6 +97,16 @@ def run_python(program: str, limits: SandboxLimits = SandboxLimits()) -> Sandbox
     return SandboxResult(returncode, timed_out, output, wall)
 
 
+def check_sandbox(limits: SandboxLimits = SandboxLimits()) -> None:
+    """Raise if a trivial program cannot run: a broken sandbox must not read as failing code."""
+    from jdlm.errors import JdlmError
+
+    res = run_python("print('ok')\n", limits)
+    if not res.passed or res.output.strip() != "ok":
+        raise JdlmError(f"the sandbox cannot run Python on this machine ({res.output.strip()[-500:]}"
+                        "); as root it needs unshare(CLONE_NEWNET|CLONE_NEWPID), setuid and capset")
+
+
 def _stop(proc: subprocess.Popen) -> None:
     """Ask the entry process to stop its namespace, then SIGKILL whatever is left of its group."""
     if proc.poll() is None:
