@@ -149,7 +149,7 @@ def cmd_eval_humaneval(args) -> None:
 
 def cmd_eval_gsm8k(args) -> None:
     from jdlm.eval.gsm8k import load_split, score
-    from jdlm.eval.io import read_jsonl
+    from jdlm.eval.jsonl import read_jsonl
 
     predictions = read_jsonl(args.predictions)
     needs_reference = any("answer" not in p for p in predictions)
@@ -161,7 +161,7 @@ def cmd_eval_gsm8k(args) -> None:
 
 def _read_texts(path: str) -> list[str]:
     """A .jsonl file with a "text" field per line, or any other file with one text per line."""
-    from jdlm.eval.io import read_jsonl
+    from jdlm.eval.jsonl import read_jsonl
 
     if path.endswith(".jsonl"):
         rows = read_jsonl(path)

@@ -11,7 +11,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from jdlm.errors import JdlmError
-from jdlm.eval.io import read_jsonl, write_jsonl_atomic
+from jdlm.eval.jsonl import read_jsonl, write_jsonl_atomic
 
 HF_DATASET = ("openai/gsm8k", "main")
 STOP_STRINGS = ("Q:", "</s>", "<|im_end|>")

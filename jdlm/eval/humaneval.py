@@ -15,7 +15,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from jdlm.errors import JdlmError
-from jdlm.eval.io import read_jsonl, write_jsonl_atomic
+from jdlm.eval.jsonl import read_jsonl, write_jsonl_atomic
 from jdlm.eval.sandbox import SandboxLimits, check_sandbox, run_python
 
 DEFAULT_KS = (1, 10, 100)
