@@ -182,6 +182,103 @@ def cmd_eval_mauve(args) -> None:
     print(json.dumps(score.to_dict(), indent=2))
 
 
+# -- generate ---------------------------------------------------------------------------------
+
+# Flags of `jdlm generate` that map one-to-one onto SamplerConfig fields.
+_SAMPLER_FLAGS = {"gen_length": int, "steps": int, "block_length": int, "order": str,
+                  "order_temperature": float, "schedule": str, "threshold": float,
+                  "entropy_budget": float, "temperature": float, "top_p": float, "top_k": int,
+                  "gumbel_dtype": str, "cfg_scale": float}
+_SAMPLER_SWITCHES = ("logits_eos_inf", "confidence_eos_eot_inf", "faithful")
+
+
+def _read_prompts(args, tokenizer) -> list[dict]:
+    """[{"prompt": text or None, "prompt_ids": [...]}] from --prompt or a JSONL --prompts file."""
+    if args.prompt is not None:
+        records = [{"prompt": text} for text in args.prompt]
+    else:
+        path = Path(args.prompts)
+        if not path.is_file():
+            raise JdlmError(f"--prompts {path} does not exist (one JSON object per line)")
+        records = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise JdlmError(f"{path}:{n} is not JSON ({err})") from err
+    for n, rec in enumerate(records, 1):
+        if "prompt_ids" in rec:
+            continue
+        if "prompt" not in rec:
+            raise JdlmError(f"prompt {n} has neither \"prompt\" (text) nor \"prompt_ids\"")
+        if tokenizer is None:
+            raise JdlmError("this model ships no tokenizer; give token ids as "
+                            "{\"prompt_ids\": [...]} lines in a --prompts file")
+        rec["prompt_ids"] = tokenizer.encode(rec["prompt"])
+    return records
+
+
+def _show_steps(tokens, history, mask_id: int, tokenizer, delay: float) -> None:
+    """Redraw each row's canvas after every pass: masked positions as ░, new ones highlighted."""
+    import time
+
+    import numpy as np
+
+    from jdlm.sampling import canvas_at
+
+    tty = sys.stderr.isatty()
+    piece = (lambda t: tokenizer.decode([int(t)])) if tokenizer is not None else str
+    for step in range(int(np.max(history)) + 2):
+        canvas = canvas_at(tokens, history, step, mask_id)
+        lines = [f"pass {step}"]
+        for row, hist in zip(canvas, history):
+            cells = []
+            for t, h in zip(row, hist):
+                text = "░" if t == mask_id else piece(t)
+                cells.append(f"\x1b[1;32m{text}\x1b[0m" if tty and h == step - 1 else text)
+            lines.append(("" if tokenizer is not None else " ").join(cells))
+        print(("\x1b[H\x1b[J" if tty else "") + "\n".join(lines), file=sys.stderr, flush=True)
+        time.sleep(delay if tty else 0.0)
+
+
+def cmd_generate(args) -> None:
+    from tqdm import tqdm
+
+    from jdlm.checkpoint import load
+    from jdlm.sampling import SamplerConfig, generate
+
+    fields = {k: getattr(args, k) for k in _SAMPLER_FLAGS if getattr(args, k) is not None}
+    fields.update({k: True for k in _SAMPLER_SWITCHES if getattr(args, k)})
+    config = SamplerConfig(**fields)
+    model = load(args.model, mesh=args.mesh)
+    tok = model.tokenizer
+    records = _read_prompts(args, tok)
+    eos = model.config.eos_token_id
+    out = open(args.out, "w") if args.out else sys.stdout
+    try:
+        for start in tqdm(range(0, len(records), args.batch_size), desc="generating",
+                          unit="batch", disable=len(records) <= args.batch_size):
+            batch = records[start:start + args.batch_size]
+            # Row i of the input uses seed + i, whatever the batch size.
+            tokens, history = generate(model, [r["prompt_ids"] for r in batch], config,
+                                       seed=[args.seed + start + i for i in range(len(batch))],
+                                       return_history=True)
+            if args.show_steps:
+                _show_steps(tokens, history, model.config.mask_token_id, tok, args.delay)
+            for rec, row in zip(batch, tokens):
+                generated = [int(t) for t in row[-config.gen_length:]]
+                text_ids = generated[:generated.index(eos)] if eos in generated else generated
+                result = {**rec, "tokens": generated}
+                if tok is not None:
+                    result["text"] = tok.decode(text_ids)
+                out.write(json.dumps(result) + "\n")
+            out.flush()
+    finally:
+        if out is not sys.stdout:
+            out.close()
+
+
 # -- the parser -------------------------------------------------------------------------------
 
 
@@ -206,6 +303,38 @@ def build_parser() -> argparse.ArgumentParser:
                                 "config name (dream-v0-base-7b, llada-8b-base)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
+    p = sub.add_parser("generate", help="sample completions with any unmasking rule (JSONL out)")
+    p.add_argument("--model", required=True, help="HF directory or converted checkpoint")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", action="append", help="prompt text (repeatable)")
+    src.add_argument("--prompts", help='JSONL file: {"prompt": text} or {"prompt_ids": [...]}')
+    p.add_argument("--out", default=None, help="output JSONL (default: stdout)")
+    p.add_argument("--gen-length", type=int, default=64)
+    p.add_argument("--steps", type=int, default=None, help="forward passes (default gen-length)")
+    p.add_argument("--block-length", type=int, default=None, help="semi-AR block (default: none)")
+    p.add_argument("--order", default=None, help="random | confidence | margin | entropy")
+    p.add_argument("--order-temperature", type=float, default=None, help="Dream's alg_temp")
+    p.add_argument("--schedule", default=None, help="dream | llada | threshold | entropy_bound")
+    p.add_argument("--threshold", type=float, default=None, help="threshold schedule, (0, 1]")
+    p.add_argument("--entropy-budget", type=float, default=None, help="entropy_bound schedule")
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--gumbel-dtype", default=None, help="float32 | float64 (needs JAX_ENABLE_X64)")
+    p.add_argument("--cfg-scale", type=float, default=None, help="LLaDA classifier-free guidance")
+    p.add_argument("--logits-eos-inf", action="store_true", help="never generate EOS")
+    p.add_argument("--confidence-eos-eot-inf", action="store_true",
+                   help="EOS/EOT candidates get zero confidence (LLaDA)")
+    p.add_argument("--faithful", action="store_true",
+                   help="reproduce the published samplers' quirks (see jdlm.sampling)")
+    p.add_argument("--seed", type=int, default=0, help="input row i uses seed + i")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--show-steps", action="store_true",
+                   help="draw the canvas filling in, pass by pass (on stderr)")
+    p.add_argument("--delay", type=float, default=0.15, help="seconds per frame of --show-steps")
+    _add_mesh(p)
+    p.set_defaults(func=cmd_generate)
+
     p = sub.add_parser("train", help="train a model (MDLM, SFT or the AR baseline) on CPU/GPU/TPU")
     p.add_argument("--preset", default=None, help="named recipe: tiny-pydocs, tiny-bigram")
     p.add_argument("--data", default=None,

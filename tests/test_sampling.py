@@ -625,3 +625,36 @@ def test_joint_sampler_refreshes_the_logits_between_tokens_of_a_pass(sem_models)
     np.testing.assert_array_equal(hist, generate(model, SEM_PROMPTS, config,
                                                  return_history=True)[1][:, -8:])
     assert not np.array_equal(gen, base_gen) or (base_gen == 7).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. The command line
+# ------------------------------------------------------------------------------------------------
+
+
+def test_cli_generate_jsonl_with_show_steps(tmp_path, capsys):
+    import json
+
+    from hf_reference import make_dream
+    from jdlm.cli import main
+
+    make_dream(tmp_path / "dream", vocab=32, layers=1)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt_ids": [1, 2, 3], "id": "a"}\n{"prompt_ids": [4, 5]}\n')
+    out = tmp_path / "out.jsonl"
+    argv = ["generate", "--model", str(tmp_path / "dream"), "--prompts", str(prompts),
+            "--gen-length", "6", "--steps", "3", "--order", "entropy", "--temperature", "0.5",
+            "--out", str(out), "--show-steps", "--delay", "0"]
+    assert main(argv) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r.get("id") for r in rows] == ["a", None]
+    assert all(len(r["tokens"]) == 6 and 31 not in r["tokens"] for r in rows)
+    frames = capsys.readouterr().err
+    masks_per_frame = [frame.count("░") for frame in frames.split("pass ")[1:]]
+    assert masks_per_frame[0] == 12 and masks_per_frame[-1] == 0 and len(masks_per_frame) == 4
+    assert all(a > b for a, b in zip(masks_per_frame, masks_per_frame[1:]))
+    # the same rows again, one per batch: the CLI's per-row seeds make the batch size irrelevant
+    assert main(argv[:-5] + ["--batch-size", "1", "--out", str(tmp_path / "b1.jsonl")]) == 0
+    assert (tmp_path / "b1.jsonl").read_text() == out.read_text()
+    assert main(["generate", "--model", str(tmp_path / "dream"), "--prompt", "hi"]) == 2
+    assert "no tokenizer" in capsys.readouterr().err
