@@ -1,0 +1,172 @@
+"""ADJUST (Bansal & Sanghavi, arXiv 2509.22738): a one-layer learned joint sampler.
+
+After one full forward pass of the frozen base model, several tokens are revealed one at a
+time; after each, this layer updates every position's hidden state (and so its distribution)
+to account for the token just written, approximating exact one-token-per-pass sampling.
+
+Per position (H = base hidden size):
+
+    u  = [RMSNorm_e(Embed_base(canvas)), RMSNorm_h(g_prev)]            (2H)
+    z  = DecoderLayer(Linear_{2H->H}(u))          full bidirectional attention, RoPE, base GQA
+    g  = RMSNorm_out(z) + g_prev
+    logits = Head_base(g)                                               frozen base output head
+
+`g_prev` starts as the base model's final hidden state, position-aligned (Dream's shift applied
+by the model), so row i of `g` scores the token at position i.
+
+Trajectories of exact sampling are stored compactly: the final canvas plus the pass at which
+each position was revealed (`reveal_step`; -1 for prompt and padding). Every intermediate state
+is `state_at(tokens, reveal_step, i)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from jdlm.config import ModelConfig
+from jdlm.errors import JdlmError
+from jdlm.model import DecoderLayer, Transformer, attention_inputs, decoder_layer, rms_norm, rope_tables
+
+
+@dataclasses.dataclass(frozen=True)
+class AdjustConfig:
+    """Static choices of the ADJUST layer and its training.
+
+    max_unroll: K, the most tokens revealed per base pass during training (paper: 3; 7 for
+      eight tokens per step). shared: one layer for every micro-step (the paper) or one per
+      micro-step index. init: "random" (the paper) or "base_layer" (copy base layer
+      `init_layer`, default the last). unroll_decay: P(n) proportional to exp(decay**(n-1)).
+    """
+
+    max_unroll: int = 3
+    shared: bool = True
+    init: str = "random"
+    init_layer: int = -1
+    unroll_decay: float = 0.5
+
+    def __post_init__(self):
+        if self.max_unroll < 1:
+            raise JdlmError(f"max_unroll={self.max_unroll} must be at least 1")
+        if self.init not in ("random", "base_layer"):
+            raise JdlmError(f"init={self.init!r}: use 'random' or 'base_layer'")
+
+    def unroll_logits(self) -> Array:
+        """Categorical logits over n = 1..K: P(n) is proportional to exp(decay^(n-1))."""
+        return self.unroll_decay ** jnp.arange(self.max_unroll, dtype=jnp.float32)
+
+
+class AdjustLayer(nnx.Module):
+    """The trainable part of ADJUST; the base embedding and output head stay frozen outside it."""
+
+    def __init__(self, cfg: ModelConfig, adjust: AdjustConfig, *, rngs: nnx.Rngs,
+                 base: Transformer | None = None, dtype=jnp.float32):
+        d = cfg.hidden_size
+        self.config, self.adjust = cfg, adjust
+        self.embed_norm = nnx.Param(jnp.ones((d,), dtype), axes=("embed",))
+        self.hidden_norm = nnx.Param(jnp.ones((d,), dtype), axes=("embed",))
+        # [out, in] like every jdlm kernel; the input is the two normed streams concatenated.
+        bound = (2 * d) ** -0.5
+        self.proj = nnx.Param(jax.random.uniform(rngs.params(), (d, 2 * d), dtype, -bound, bound),
+                              axes=("embed", None))
+        self.proj_bias = nnx.Param(jnp.zeros((d,), dtype), axes=("embed",))
+        copies = None if adjust.shared else adjust.max_unroll
+        self.layer = DecoderLayer(cfg, rngs=rngs, num_layers=copies, dtype=dtype)
+        self.out_norm = nnx.Param(jnp.ones((d,), dtype), axes=("embed",))
+        if adjust.init == "base_layer":
+            if base is None:
+                raise JdlmError("init='base_layer' needs the base model to copy a layer from")
+            self._copy_base_layer(base, adjust.init_layer)
+
+    def _copy_base_layer(self, base: Transformer, index: int) -> None:
+        n = base.config.num_layers
+        if not -n <= index < n:
+            raise JdlmError(f"init_layer={index} is outside the base model's {n} layers")
+        source = base.layers.arrays()
+        for name, value in source.items():
+            layer_value = value[index]
+            if not self.adjust.shared:
+                layer_value = jnp.broadcast_to(layer_value, (self.adjust.max_unroll,) + layer_value.shape)
+            getattr(self.layer, name)[...] = layer_value.astype(getattr(self.layer, name)[...].dtype)
+
+    def layer_arrays(self, step: Int[Array, ""] | int) -> dict[str, Array]:
+        """The decoder layer used at micro-step `step` (0-based)."""
+        arrays = self.layer.arrays()
+        if self.adjust.shared:
+            return arrays
+        return jax.tree.map(lambda a: a[step], arrays)
+
+    def __call__(self, base: Transformer, tokens: Int[Array, "b l"], hidden: Float[Array, "b l d"],
+                 attention_mask: Int[Array, "b l"] | None = None, step: Int[Array, ""] | int = 0):
+        """One micro-step: (new hidden states, float32 logits) after the canvas `tokens` changed."""
+        cfg = self.config
+        e = base.embed_tokens(tokens, hidden.dtype)
+        u = jnp.concatenate([rms_norm(e, self.embed_norm[...], cfg.norm_eps),
+                             rms_norm(hidden, self.hidden_norm[...], cfg.norm_eps)], axis=-1)
+        z = jnp.einsum("bli,di->bld", u, self.proj[...]) + self.proj_bias[...]
+        positions, mask = attention_inputs(cfg, tokens.shape, attention_mask, causal=False)
+        z = decoder_layer(self.layer_arrays(step), z, rope_tables(positions, cfg.head_dim,
+                                                                  cfg.rope_theta), mask, cfg)
+        new_hidden = rms_norm(z, self.out_norm[...], cfg.norm_eps) + hidden
+        return new_hidden, base.head(new_hidden)
+
+
+# ----------------------------------------------------------------------------------------------
+# Trajectories: final canvas + reveal order -> any intermediate state
+# ----------------------------------------------------------------------------------------------
+
+
+def state_at(tokens: Int[Array, "b l"], reveal_step: Int[Array, "b l"], step: Int[Array, " b"],
+             mask_id: int) -> Int[Array, "b l"]:
+    """The canvas before pass `step` of each row: positions revealed at pass >= step are masked."""
+    hidden = reveal_step >= jnp.asarray(step)[..., None]
+    return jnp.where(hidden, mask_id, tokens)
+
+
+def kl_to_teacher(teacher_logits: Float[Array, "b l v"], student_logits: Float[Array, "b l v"],
+                  where: Array) -> Float[Array, ""]:
+    """Forward KL(teacher || student) over the full vocabulary, averaged over `where` positions."""
+    log_p = jax.nn.log_softmax(teacher_logits.astype(jnp.float32), axis=-1)
+    log_q = jax.nn.log_softmax(student_logits.astype(jnp.float32), axis=-1)
+    kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+    weight = where.astype(jnp.float32)
+    return jnp.sum(kl * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+
+
+def adjust_loss(layer: AdjustLayer, base: Transformer, batch: dict[str, Array], rng: Array):
+    """The paper's objective on one batch of trajectory windows (one unroll depth per batch).
+
+    batch: tokens (b, l) final canvases; reveal_step (b, l); start (b,) the window's first pass
+    i; attention_mask (b, l); loss_mask (b, l) positions that may count (not padding, not the
+    EOS tail). The frozen base runs on s_i; the layer is unrolled n ~ P(n) times on
+    s_{i+1}, ..., s_{i+n} with gradients through the chain; the teacher is the base on s_{i+n};
+    the loss is KL(teacher || ADJUST) at every position still masked in s_{i+n}.
+    Returns (loss, metrics).
+    """
+    cfg, adjust = layer.config, layer.adjust
+    tokens, reveal, start = batch["tokens"], batch["reveal_step"], batch["start"]
+    mask = batch.get("attention_mask")
+    n = 1 + jax.random.categorical(rng, adjust.unroll_logits())
+
+    _, hidden = base(state_at(tokens, reveal, start, cfg.mask_token_id), mask, return_hidden=True)
+    hidden = jax.lax.stop_gradient(hidden)
+
+    def unroll(depth):
+        def run(hidden):
+            logits = None
+            for j in range(depth):
+                canvas = state_at(tokens, reveal, start + j + 1, cfg.mask_token_id)
+                hidden, logits = layer(base, canvas, hidden, mask, step=j)
+            return logits
+        return run
+
+    student = jax.lax.switch(n - 1, [unroll(d) for d in range(1, adjust.max_unroll + 1)], hidden)
+    target_state = state_at(tokens, reveal, start + n, cfg.mask_token_id)
+    teacher = jax.lax.stop_gradient(base(target_state, mask))
+    where = (target_state == cfg.mask_token_id) & batch["loss_mask"].astype(bool)
+    loss = kl_to_teacher(teacher, student, where)
+    return loss, {"kl": loss, "unroll": n, "positions": jnp.sum(where)}
