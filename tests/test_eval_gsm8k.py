@@ -6,8 +6,14 @@ from pathlib import Path
 import pytest
 
 from jdlm.errors import JdlmError
-from jdlm.eval.gsm8k import (COT_EXEMPLARS, chat_messages, cot_prompt, extract_answer,
-                             load_split, score)
+from jdlm.eval.gsm8k import (
+    COT_EXEMPLARS,
+    chat_messages,
+    cot_prompt,
+    extract_answer,
+    load_split,
+    score,
+)
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
 

@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 import torch
+from hf_reference import make_dream, make_llada
+from tiny_causal_lm import SENTENCES, save_tiny
 
 import jdlm
-from hf_reference import make_dream, make_llada
 from jdlm.errors import JdlmError
-from jdlm.eval.judge import judge_nll, judge_nll_of_tokens, jdlm_judge, transformers_judge
-from tiny_causal_lm import SENTENCES, save_tiny
+from jdlm.eval.judge import jdlm_judge, judge_nll, judge_nll_of_tokens, transformers_judge
 
 TEXTS = [SENTENCES[0], "a dog ran", SENTENCES[2] + " " + SENTENCES[3], "rain"]
 

@@ -2,11 +2,11 @@
 
 import numpy as np
 import pytest
-
 from eval_texts import digits, english
+from tiny_causal_lm import save_tiny
+
 from jdlm.errors import JdlmError
 from jdlm.eval.mauve import compute_mauve, minilm_featurizer
-from tiny_causal_lm import save_tiny
 
 N = 100
 
@@ -30,7 +30,9 @@ def test_same_distribution_near_one_different_near_zero(featurizer):
 
 
 def test_too_few_samples_is_an_error():
-    fake = lambda texts: np.zeros((len(texts), 4))  # never reached
+    def fake(texts):  # never reached
+        return np.zeros((len(texts), 4))
+
     with pytest.raises(JdlmError, match="at least 100 texts"):
         compute_mauve(["a"] * 99, ["b"] * 500, fake)
     with pytest.raises(JdlmError, match="num_clusters=20"):

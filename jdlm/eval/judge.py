@@ -9,7 +9,7 @@ transformers causal LM (Qwen2.5-7B for paper parity) or a jdlm model run with `c
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from tqdm import tqdm

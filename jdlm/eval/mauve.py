@@ -9,7 +9,7 @@ choice, and MAUVE's own default) or any other transformers model directory is fe
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 

@@ -103,8 +103,9 @@ def check_sandbox(limits: SandboxLimits = SandboxLimits()) -> None:
 
     res = run_python("print('ok')\n", limits)
     if not res.passed or res.output.strip() != "ok":
-        raise JdlmError(f"the sandbox cannot run Python on this machine ({res.output.strip()[-500:]}"
-                        "); as root it needs unshare(CLONE_NEWNET|CLONE_NEWPID), setuid and capset")
+        raise JdlmError("the sandbox cannot run Python on this machine ("
+                        f"{res.output.strip()[-500:]}); as root it needs "
+                        "unshare(CLONE_NEWNET|CLONE_NEWPID), setuid and capset")
 
 
 def _stop(proc: subprocess.Popen) -> None:
