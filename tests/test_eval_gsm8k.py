@@ -44,6 +44,7 @@ def test_extraction_of_every_reference_solution_is_exact():
      "24000"),
     ("First 0.5 * 7 = 3.5 hours, then 3.5 + 1.25 = 4.75. So the total is 4.75 hours.", "4.75"),
     ("#### 72\nThe answer is 5", "72"),
+    ("So 4 + 4 = 8. The answer is 8.\n\nQuestion: Sam has 3 pens. The answer is 3.", "8"),
     ("She had 10 cookies, gave away 4 and has 6 left, so the answer is 6 cookies; 3 friends.",
      "6"),
     ("The answer is 18.00.", "18"),

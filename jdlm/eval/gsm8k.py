@@ -91,9 +91,10 @@ def extract_answer(output: str) -> str | None:
     """The final numeric answer of a model output (or a GSM8K reference solution), normalized.
 
     In order: "#### N" (the dataset's own format), the last "The answer is N", the last number.
-    Text after a new "Q:" is dropped first: that is the model writing another exemplar.
+    Text after a new "Q:" or "Question:" is dropped first: that is the model writing another
+    exemplar.
     """
-    output = re.split(r"\n\s*Q:", output, maxsplit=1)[0]
+    output = re.split(r"\n\s*(?:Q|Question):", output, maxsplit=1)[0]
     for pattern in (_HASHES, _ANSWER_IS):
         found = pattern.findall(output)
         if found:
