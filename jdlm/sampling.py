@@ -308,12 +308,13 @@ def _program(state, joint_params, prompt, prompt_mask, gen, seeds, salts, *, sta
                 if config.faithful:  # Dream: one count for all rows, from the batch average
                     m = jnp.broadcast_to(jnp.sum(m) / batch, m.shape)
                 k = um.dream_counts(m, fractions[j], last, corrected=not config.faithful)
-            chosen = eligible & (rank < jnp.minimum(k, count)[:, None])
             if config.faithful and config.order == "random" and config.schedule == "dream":
                 chosen = eligible & ((uniform < fractions[j]) | last)  # Dream's `origin`
+            else:
+                chosen = eligible & (rank < jnp.minimum(k, count)[:, None])
         if static.joint_sampler is not None:
             tokens = _joint_tokens(static, joint_params, prompt, gen, hidden, logits, chosen,
-                                   rank, gumbel)
+                                   rank, gumbel, banned)
         gen = jnp.where(chosen, tokens, gen)
         revealed_at = jnp.where(chosen, i, revealed_at)
         return i + 1, gen, revealed_at
@@ -327,7 +328,8 @@ def _program(state, joint_params, prompt, prompt_mask, gen, seeds, salts, *, sta
     return gen, revealed_at, passes
 
 
-def _joint_tokens(static: _Static, params, prompt, gen, hidden, logits, chosen, rank, gumbel):
+def _joint_tokens(static: _Static, params, prompt, gen, hidden, logits, chosen, rank, gumbel,
+                  banned):
     """Draw the chosen tokens one at a time in rank order, refreshing the logits after each.
 
     The joint sampler maps (params, canvas, hidden) -> (hidden, logits) over the whole canvas;
@@ -336,23 +338,19 @@ def _joint_tokens(static: _Static, params, prompt, gen, hidden, logits, chosen, 
     """
     config = static.config
     width = prompt.shape[1]
-    hidden_gen = hidden
+    turn = um.ranks(-rank.astype(jnp.float32), chosen)  # 0, 1, ... among the chosen positions
 
     def micro_step(carry):
         m, gen, hidden, logits = carry
         sample_logits = um.sampling_logits(logits, config.temperature, config.top_p, config.top_k)
-        tokens = um.draw_tokens(sample_logits, gumbel)
-        now = chosen & (rank == m)
-        gen = jnp.where(now, tokens, gen)
-        canvas = jnp.concatenate([prompt, gen], axis=1)
-        hidden, full_logits = static.joint_sampler(params, canvas, hidden)
-        logits = _ban(full_logits[:, width:], [static.model.mask_token_id] + (
-            [static.model.eos_token_id] if config.logits_eos_inf else []))
-        return m + 1, gen, hidden, logits
+        gen = jnp.where(chosen & (turn == m), um.draw_tokens(sample_logits, gumbel), gen)
+        hidden, full_logits = static.joint_sampler(params, jnp.concatenate([prompt, gen], 1),
+                                                   hidden)
+        return m + 1, gen, hidden, _ban(full_logits[:, width:], banned)
 
     most = jnp.max(jnp.sum(chosen, axis=1))
     _, out, _, _ = jax.lax.while_loop(lambda c: c[0] < most, micro_step,
-                                      (jnp.int32(0), gen, hidden_gen, logits))
+                                      (jnp.int32(0), gen, hidden, logits))
     return out
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -625,6 +626,39 @@ def test_joint_sampler_refreshes_the_logits_between_tokens_of_a_pass(sem_models)
     np.testing.assert_array_equal(hist, generate(model, SEM_PROMPTS, config,
                                                  return_history=True)[1][:, -8:])
     assert not np.array_equal(gen, base_gen) or (base_gen == 7).all()
+    # adaptive schedules reveal positions of any rank: every one of them still gets its turn
+    config = SamplerConfig(gen_length=8, schedule="threshold", threshold=0.5)
+    tokens, history = generate(model, SEM_PROMPTS, config, return_history=True,
+                               joint_sampler=constant_joint_sampler, joint_params=forced)
+    gen, hist = tokens[:, -8:], history[:, -8:]
+    assert (hist >= 0).all()
+    for row in range(2):
+        for step in range(hist[row].max() + 1):
+            revealed = np.flatnonzero(hist[row] == step)
+            assert (gen[row, revealed] == 7).sum() >= len(revealed) - 1
+
+
+def test_float64_gumbel_runs_under_x64(tmp_path):
+    """LLaDA's float64 Gumbel noise, in a fresh process with JAX_ENABLE_X64=1."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; sys.path.insert(0, 'tests'); import numpy as np\n"
+        "from test_sampling import tiny_model, SEM_PROMPTS\n"
+        "from jdlm import SamplerConfig, generate\n"
+        "m = tiny_model('llada', vocab=16, scale=6.0, seed=2)\n"
+        "c = SamplerConfig(gen_length=8, steps=4, block_length=4, schedule='llada',"
+        " temperature=1.0, gumbel_dtype='float64', cfg_scale=0.5)\n"
+        "t, h = generate(m, SEM_PROMPTS, c, seed=[1, 2], return_history=True)\n"
+        "assert t.dtype == np.int32 and (t[:, -8:] < 15).all() and (h[:, -8:] >= 0).all()\n"
+        "print('ok', t[:, -8:].tolist())\n")
+    env = dict(os.environ, JAX_ENABLE_X64="1", JAX_PLATFORMS="cpu")
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                         cwd=str(Path(__file__).resolve().parents[1]), timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.startswith("ok")
 
 
 # ------------------------------------------------------------------------------------------------
