@@ -87,10 +87,13 @@ def model_from_params(cfg: ModelConfig, params: dict, **kwargs) -> Model:
     return Model(config=cfg, graphdef=nnx.graphdef(module), state=state, **kwargs)
 
 
-def objective_loss(tc: TrainConfig, cfg: ModelConfig) -> LossFn:
-    """The loss of `tc.objective` on the model itself (all parameters trainable)."""
+def objective_loss(tc: TrainConfig, cfg: ModelConfig, *, heldout: bool = False) -> LossFn:
+    """The loss of `tc.objective` on the model itself (all parameters trainable); `heldout`
+    gives its evaluation form (MDLM: the lower-variance exact-count bound)."""
     apply = make_apply(cfg, remat=tc.remat,
                        compute_dtype=jnp.bfloat16 if tc.compute_dtype == "bfloat16" else None)
+    if heldout and tc.objective == "mdlm":
+        return diffusion.mdlm_eval_objective(apply, cfg)
     if tc.objective == "ar":
         return diffusion.ar_objective(apply, cfg)
     if tc.objective == "sft":
@@ -231,34 +234,44 @@ def train(
     mesh,
     heldout: list[dict[str, np.ndarray]] = (),
     loss_fn: LossFn | None = None,
+    eval_loss_fn: LossFn | None = None,
     params: dict | None = None,
     frozen: Any = None,
     progress: bool = True,
 ) -> TrainResult:
     """Train (or resume) in `run_dir`: Orbax checkpoints under `checkpoints/`, metrics in
     `metrics.jsonl`. `params` (default: fresh) are the trainable parameters; `heldout` are
-    this host's fixed evaluation batches."""
+    this host's fixed evaluation batches, scored by `eval_loss_fn` (default: the objective's
+    held-out form, or `loss_fn` when one is given)."""
     import orbax.checkpoint as ocp
 
     run_dir = Path(run_dir).absolute()
     run_dir.mkdir(parents=True, exist_ok=True)
-    loss_fn = loss_fn or objective_loss(tc, cfg)
+    if loss_fn is None:
+        loss_fn, eval_loss_fn = objective_loss(tc, cfg), objective_loss(tc, cfg, heldout=True)
+    eval_loss_fn = eval_loss_fn or loss_fn
     optimizer = make_optimizer(tc)
+    schedule = learning_rate_schedule(tc)
     replicated = NamedSharding(mesh, PartitionSpec())
+
+    def fresh_state(p):
+        return {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": optimizer.init(p)}
+
     with jax.set_mesh(mesh):
-        p_shardings = params_shardings(cfg, mesh) if params is None else jax.tree.map(
-            lambda x: x.sharding, params)
-        params = init_params(cfg, tc.seed, p_shardings) if params is None else params
-        shardings = state_shardings(optimizer, params, p_shardings, mesh)
-        state = jax.jit(lambda p: {"step": jnp.zeros((), jnp.int32), "params": p,
-                                   "opt_state": optimizer.init(p)},
-                        out_shardings=shardings)(params)
+        if params is None:
+            p_shardings = params_shardings(cfg, mesh)
+            abstract_params = jax.eval_shape(lambda: nnx.to_pure_dict(
+                nnx.state(Transformer(cfg, rngs=nnx.Rngs(tc.seed)), nnx.Param)))
+        else:
+            p_shardings = jax.tree.map(lambda x: x.sharding, params)
+            abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+        shardings = state_shardings(optimizer, abstract_params, p_shardings, mesh)
         b_shardings = _batch_shardings({k: v[: data.batch_size] for k, v in data.arrays.items()},
                                        mesh)
         step_fn = jax.jit(make_train_step(loss_fn, optimizer, tc.grad_accum),
                           in_shardings=(shardings, None, b_shardings, replicated),
                           out_shardings=(shardings, replicated), donate_argnums=0)
-        eval_fn = jax.jit(lambda p, f, b, r: loss_fn(p, f, b, r)[0],
+        eval_fn = jax.jit(lambda p, f, b, r: eval_loss_fn(p, f, b, r)[0],
                           in_shardings=(p_shardings, None, b_shardings, replicated),
                           out_shardings=replicated)
 
@@ -268,12 +281,17 @@ def train(
                                                  enable_async_checkpointing=True))
         start = manager.latest_step() or 0
         if start:
+            # Restore straight into sharded buffers; no fresh state is built first.
             abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                    state, shardings)
+                                    jax.eval_shape(fresh_state, abstract_params), shardings)
             restored = manager.restore(start, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
             state = restored.state
             data.set_state(restored.data)
+        else:
+            if params is None:
+                params = init_params(cfg, tc.seed, p_shardings)
+            state = jax.jit(fresh_state, out_shardings=shardings)(params)
         metrics_path = run_dir / "metrics.jsonl"
         _trim_metrics(metrics_path, start)
         base_rng = jax.random.key(tc.seed)
@@ -300,7 +318,7 @@ def train(
                 if step % tc.log_every == 0 or step == tc.steps:
                     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     now = time.perf_counter()
-                    record = {"step": step, **metrics, "lr": float(learning_rate_schedule(tc)(step - 1)),
+                    record = {"step": step, **metrics, "lr": float(schedule(step - 1)),
                               "tokens_per_s": tokens_per_step * (step - last_step) / (now - last_time)}
                     last_time, last_step = now, step
                     bar.set_postfix(loss=f"{metrics['loss']:.3f}",
@@ -317,6 +335,8 @@ def train(
                 if preempt.requested:
                     break
             manager.wait_until_finished()
+        if eval_loss is None and start >= tc.steps:  # resumed a finished run: report its loss
+            eval_loss = evaluate(state["params"])
         bar.close()
         manager.close()
     return TrainResult(params=state["params"], step=step, eval_loss=eval_loss,
@@ -356,19 +376,19 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     # The embedded default model (DESIGN.md §4): minutes on a 2-core CPU.
     "tiny-pydocs": Preset(
-        data="pydocs", vocab_size=2048,
-        model=dict(hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
-                   num_kv_heads=4, max_position_embeddings=512),
-        train=dict(seq_len=128, batch_size=32, steps=1200, learning_rate=3e-3, warmup_steps=100,
-                   log_every=20, eval_every=200, eval_batches=8, save_every=200)),
+        data="pydocs", vocab_size=1024,
+        model=dict(hidden_size=128, intermediate_size=256, num_layers=3, num_heads=4,
+                   num_kv_heads=4, max_position_embeddings=128),
+        train=dict(seq_len=128, batch_size=16, steps=1000, learning_rate=3e-3, warmup_steps=100,
+                   log_every=20, eval_every=250, eval_batches=8, save_every=250)),
     # The known-entropy bigram chain; the held-out loss bounds the exact entropy rate.
     "tiny-bigram": Preset(
-        data="synthetic:bigram", vocab_size=0,
+        data="synthetic:vocab=8,order=2,support=4,seed=0,rows=60000", vocab_size=0,
         model=dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                    num_kv_heads=4, max_position_embeddings=64),
-        train=dict(seq_len=16, batch_size=128, steps=1500, learning_rate=3e-3, warmup_steps=50,
-                   weight_decay=0.0, log_every=50, eval_every=500, eval_batches=16,
-                   save_every=500)),
+        train=dict(seq_len=16, batch_size=128, steps=800, learning_rate=3e-3, warmup_steps=50,
+                   weight_decay=0.0, log_every=50, eval_every=400, eval_batches=32,
+                   save_every=400)),
 }
 
 
@@ -416,7 +436,8 @@ def prepare_data(spec: str, tc: TrainConfig, run_dir: Path, *, vocab_size: int,
         rows = lang.sample(opts["rows"], tc.seq_len, seed=opts["seed"] + 1)
         held = lang.sample(max(tc.eval_batches, 1) * tc.batch_size, tc.seq_len,
                            seed=opts["seed"] + 2)
-        info = {"entropy_per_token": lang.entropy_per_token(tc.seq_len)}
+        info = {"entropy_per_token": lang.entropy_per_token(tc.seq_len),
+                "heldout_exact_nll_per_token": float(-lang.log_prob(held).mean() / tc.seq_len)}
         return PreparedData({"tokens": rows[pi::pc]},
                             {"tokens": held[pi::pc]}, v + 4, special, [], info)
 

@@ -170,6 +170,26 @@ def test_sigterm_leaves_a_complete_checkpoint(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
+# The held-out bound against an exact entropy
+# ----------------------------------------------------------------------------------------------
+
+
+def test_heldout_bound_reaches_the_entropy_rate(tmp_path):
+    """`jdlm train` on a sparse bigram chain (8 tokens, 4 allowed successors each): the held-out
+    NELBO per token is an upper bound on the exact entropy rate and ends within 5% of it."""
+    from jdlm.data import synthetic_language
+    from jdlm.train import PRESETS
+
+    assert _run_cli("--preset", "tiny-bigram", "--out", str(tmp_path / "bigram"),
+                    "--no-progress") == 0
+    summary = json.loads((tmp_path / "bigram.run" / "summary.json").read_text())
+    exact = synthetic_language(PRESETS["tiny-bigram"].data).entropy_per_token(16)
+    assert summary["entropy_per_token"] == pytest.approx(exact)
+    bound = summary["heldout_loss"]
+    assert exact * 0.98 < bound < exact * 1.05, (bound, exact)
+
+
+# ----------------------------------------------------------------------------------------------
 # Bad input
 # ----------------------------------------------------------------------------------------------
 
