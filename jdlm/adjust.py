@@ -138,19 +138,25 @@ def kl_to_teacher(teacher_logits: Float[Array, "b l v"], student_logits: Float[A
 
 
 def adjust_loss(layer: AdjustLayer, base: Transformer, batch: dict[str, Array], rng: Array):
-    """The paper's objective on one batch of trajectory windows (one unroll depth per batch).
+    """The paper's objective on a batch of trajectories (one unroll depth n per batch).
 
-    batch: tokens (b, l) final canvases; reveal_step (b, l); start (b,) the window's first pass
-    i; attention_mask (b, l); loss_mask (b, l) positions that may count (not padding, not the
-    EOS tail). The frozen base runs on s_i; the layer is unrolled n ~ P(n) times on
-    s_{i+1}, ..., s_{i+n} with gradients through the chain; the teacher is the base on s_{i+n};
-    the loss is KL(teacher || ADJUST) at every position still masked in s_{i+n}.
-    Returns (loss, metrics).
+    batch: tokens (b, l) final canvases; reveal_step (b, l); passes (b,) passes in each
+    trajectory; attention_mask (b, l); loss_mask (b, l) positions that may count (generated,
+    not the EOS/pad tail); optionally start (b,), the window's first pass i, otherwise drawn
+    uniformly from the windows of each row. The frozen base runs on s_i; the layer is unrolled
+    n ~ P(n) times on s_{i+1}, ..., s_{i+n} with gradients through the chain; the teacher is
+    the base on s_{i+n}; the loss is KL(teacher || ADJUST) at every position still masked in
+    s_{i+n}. Returns (loss, metrics).
     """
     cfg, adjust = layer.config, layer.adjust
-    tokens, reveal, start = batch["tokens"], batch["reveal_step"], batch["start"]
+    tokens, reveal = batch["tokens"], batch["reveal_step"]
     mask = batch.get("attention_mask")
-    n = 1 + jax.random.categorical(rng, adjust.unroll_logits())
+    n = 1 + jax.random.categorical(jax.random.fold_in(rng, 0), adjust.unroll_logits())
+    start = batch.get("start")
+    if start is None:
+        windows = jnp.maximum(batch["passes"] - n + 1, 1)
+        u = jax.random.uniform(jax.random.fold_in(rng, 1), windows.shape)
+        start = jnp.minimum((u * windows).astype(jnp.int32), windows - 1)
 
     _, hidden = base(state_at(tokens, reveal, start, cfg.mask_token_id), mask, return_hidden=True)
     hidden = jax.lax.stop_gradient(hidden)
@@ -169,4 +175,145 @@ def adjust_loss(layer: AdjustLayer, base: Transformer, batch: dict[str, Array], 
     teacher = jax.lax.stop_gradient(base(target_state, mask))
     where = (target_state == cfg.mask_token_id) & batch["loss_mask"].astype(bool)
     loss = kl_to_teacher(teacher, student, where)
-    return loss, {"kl": loss, "unroll": n, "positions": jnp.sum(where)}
+    return loss, {"kl": loss, "unroll": n.astype(jnp.float32),
+                  "positions": jnp.sum(where).astype(jnp.float32)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Training through the project's one trainer, and the saved layer
+# ----------------------------------------------------------------------------------------------
+
+ADJUST_META = "adjust.json"
+
+
+def _abstract_layer(cfg: ModelConfig, adjust: AdjustConfig) -> AdjustLayer:
+    return nnx.eval_shape(lambda: AdjustLayer(cfg, adjust, rngs=nnx.Rngs(0)))
+
+
+def _merge_layer(cfg: ModelConfig, adjust: AdjustConfig, params: dict) -> AdjustLayer:
+    abstract = _abstract_layer(cfg, adjust)
+    state = nnx.state(abstract, nnx.Param)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(nnx.graphdef(abstract), state)
+
+
+def adjust_objective(base_graphdef, cfg: ModelConfig, adjust: AdjustConfig):
+    """`loss_fn(params, frozen, batch, rng)` for `jdlm.train.train`: params are the layer's,
+    frozen is the base model's state (sharded as loaded, never differentiated)."""
+    def loss_fn(params, frozen, batch, rng):
+        layer = _merge_layer(cfg, adjust, params)
+        return adjust_loss(layer, nnx.merge(base_graphdef, frozen), batch, rng)
+    return loss_fn
+
+
+def init_adjust_params(base, adjust: AdjustConfig, seed: int, mesh) -> dict:
+    """Fresh layer parameters (float32), placed by the sharding rules."""
+    from jdlm.sharding import named_sharding
+
+    cfg = base.config
+    abstract = _abstract_layer(cfg, adjust)
+    shardings = jax.tree.map(lambda v: named_sharding(v.axes, v.shape, mesh),
+                             nnx.state(abstract, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable))
+    shardings = nnx.to_pure_dict(shardings)
+    module = base.module if adjust.init == "base_layer" else None
+    params = nnx.to_pure_dict(nnx.state(
+        AdjustLayer(cfg, adjust, rngs=nnx.Rngs(seed), base=module), nnx.Param))
+    return jax.tree.map(lambda a, s: jax.device_put(jnp.asarray(a, jnp.float32), s), params, shardings)
+
+
+def save_adjust(out_dir, params: dict, adjust: AdjustConfig, base_fingerprint: dict,
+                extra: dict | None = None):
+    """An ADJUST checkpoint: `adjust.json` (config, base fingerprint) + Orbax parameters."""
+    import json
+
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    from jdlm.checkpoint import atomic_directory
+
+    with atomic_directory(out_dir, overwrite=True) as tmp:
+        host = jax.tree.map(lambda a: np.asarray(jax.device_get(a)), params)
+        with ocp.StandardCheckpointer() as ckpt:
+            ckpt.save(tmp / "params", host)
+        meta = {"format": "jdlm-adjust", "version": 1, "adjust": dataclasses.asdict(adjust),
+                "base": base_fingerprint, **(extra or {})}
+        (tmp / ADJUST_META).write_text(json.dumps(meta, indent=2))
+
+
+@dataclasses.dataclass
+class TrainedAdjust:
+    """A trained layer ready for `generate(..., joint_sampler=...)`."""
+
+    config: AdjustConfig
+    params: dict
+    meta: dict
+
+
+def load_adjust(path, base) -> TrainedAdjust:
+    """Load an ADJUST checkpoint, refusing one trained on top of a different base model."""
+    import json
+    from pathlib import Path
+
+    import orbax.checkpoint as ocp
+
+    from jdlm.trajectories import check_fingerprint
+
+    path = Path(path)
+    meta_file = path / ADJUST_META
+    if not meta_file.is_file():
+        raise JdlmError(f"{path} is not an ADJUST checkpoint (no {ADJUST_META}); train one with "
+                        "`jdlm adjust train`")
+    meta = json.loads(meta_file.read_text())
+    check_fingerprint(meta["base"], base, f"ADJUST checkpoint {path}")
+    adjust = AdjustConfig(**meta["adjust"])
+    abstract = nnx.to_pure_dict(nnx.state(_abstract_layer(base.config, adjust), nnx.Param))
+    with ocp.StandardCheckpointer() as ckpt:
+        params = ckpt.restore(path / "params", abstract)
+    return TrainedAdjust(config=adjust, params=params, meta=meta)
+
+
+def train_adjust(base, trajectories_dir, out_dir, run_dir, *, adjust: AdjustConfig, tc,
+                 mesh, progress: bool = True) -> dict:
+    """`jdlm adjust train`: fit the layer to a trajectory set of this base model.
+
+    The last `tc.batch_size` trajectories are held out for the validation KL. Resumes from
+    `run_dir` like any `jdlm train` run; the trained layer is written to `out_dir`.
+    """
+    import json
+    import time
+    from pathlib import Path
+
+    from jdlm.data import BatchIterator
+    from jdlm.train import train
+    from jdlm.trajectories import fingerprint, load_trajectories
+
+    started = time.perf_counter()
+    cfg = base.config
+    traj = load_trajectories(trajectories_dir, base)
+    gen_length = traj.meta["sampler"]["gen_length"]
+    if adjust.max_unroll >= gen_length:
+        raise JdlmError(f"max_unroll={adjust.max_unroll} must be below the trajectories' "
+                        f"generation length {gen_length}")
+    per_host = tc.batch_size // jax.process_count()
+    if len(traj) < 2 * tc.batch_size:
+        raise JdlmError(f"{len(traj)} trajectories are too few for batch_size={tc.batch_size} "
+                        f"(need {2 * tc.batch_size}: one batch is held out); sample more")
+    eos = tuple(i for i in {cfg.eos_token_id, cfg.pad_token_id} if i is not None)
+    arrays = traj.training_arrays(eos)
+    pi, pc = jax.process_index(), jax.process_count()
+    held = {k: v[-tc.batch_size:][pi::pc] for k, v in arrays.items()}
+    rows = {k: v[:-tc.batch_size][pi::pc] for k, v in arrays.items()}
+    tc = tc.replace(objective="adjust", seq_len=traj.tokens.shape[1])
+    loss_fn = adjust_objective(base.graphdef, cfg, adjust)
+    params = init_adjust_params(base, adjust, tc.seed, mesh)
+    result = train(tc, cfg, BatchIterator(rows, per_host, seed=tc.seed), run_dir, mesh=mesh,
+                   heldout=[held], loss_fn=loss_fn, params=params, frozen=base.state,
+                   progress=progress)
+    summary = {"step": result.step, "heldout_kl": result.eval_loss,
+               "stopped_early": result.stopped_early, "trajectories": len(traj),
+               "wall_s": time.perf_counter() - started, "train_config": tc.to_dict(),
+               "adjust_config": dataclasses.asdict(adjust)}
+    if not result.stopped_early and jax.process_index() == 0:
+        save_adjust(out_dir, result.params, adjust, fingerprint(base), {"train": summary})
+    Path(run_dir, "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

@@ -384,7 +384,8 @@ class _GroupWriter:
         # The arrays handed over are never mutated afterwards, so Orbax's defensive copy of
         # every host array (a second copy of each tensor in memory) is skipped.
         registry = ocp.type_handlers.create_type_handler_registry(
-            (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
+            (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+            (jax.Array, ocp.type_handlers.get_type_handler(jax.Array)))
         self.ckpt = ocp.AsyncCheckpointer(ocp.PyTreeCheckpointHandler(
             use_compression=False, type_handler_registry=registry))
         self.in_flight = 0

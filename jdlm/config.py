@@ -232,7 +232,7 @@ _HF_WRITERS = {"dream": _dream_to_hf, "llada": _llada_to_hf}
 # Training
 # ----------------------------------------------------------------------------------------------
 
-TRAIN_OBJECTIVES = ("mdlm", "sft", "ar")
+TRAIN_OBJECTIVES = ("mdlm", "sft", "ar", "adjust")
 
 
 @dataclasses.dataclass(frozen=True)
