@@ -72,7 +72,8 @@ def test_pass_at_k_over_several_samples_per_problem():
 @pytest.mark.parametrize("name,body", [
     ("infinite loop", "    while True:\n        pass\n"),
     ("huge allocation", "    x = bytearray(64 * 2**30)\n    return x\n"),
-    ("recursion into memory", "    return [0] * (10**11)\n"),
+    ("one huge list", "    return [0] * (10**11)\n"),
+    ("growing without end", "    x = []\n    while True:\n        x.append(bytearray(10**7))\n"),
 ])
 def test_hostile_completions_fail(name, body):
     problems = read_problems()
