@@ -67,6 +67,8 @@ def test_pass_at_k_over_several_samples_per_problem():
     assert result["pass@1"] == pytest.approx((2 / 3 + 1 / 3) / 2)
     assert result["pass@2"] == pytest.approx(((1 - 0 / 3) + (1 - 1 / 3)) / 2)
     assert "pass@5" not in result  # more than the 3 samples per problem
+    with pytest.raises(JdlmError, match="smaller --k"):
+        evaluate(samples, problems, ks=(5,), limits=LOW)
 
 
 @pytest.mark.parametrize("name,body", [

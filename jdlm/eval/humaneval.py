@@ -85,6 +85,9 @@ def evaluate(samples: list[dict], problems: dict[str, dict] | None = None,
     min_n = min(n for n, _ in counts.values())
     scores = {f"pass@{k}": sum(pass_at_k(n, c, k) for n, c in counts.values()) / len(counts)
               for k in ks if k <= min_n}
+    if not scores:
+        raise JdlmError(f"pass@k for k in {tuple(ks)} needs at least k samples per problem; "
+                        f"some problem has only {min_n} (pass a smaller --k)")
     return {**scores, "num_problems": len(counts), "num_samples": len(rows),
             "samples_per_problem_min": min_n, "timeout_s": limits.timeout_s,
             "memory_bytes": limits.memory_bytes}
