@@ -8,7 +8,7 @@ builds it, and passes when it exits 0 within the time limit.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -63,6 +63,12 @@ def evaluate(samples: list[dict], problems: dict[str, dict] | None = None,
             raise JdlmError(f"sample {i}: unknown task_id {s['task_id']!r} (expected e.g. "
                             f"{next(iter(problems))!r})")
 
+    per_problem = Counter(s["task_id"] for s in samples)
+    min_n = min(per_problem.values())
+    ks = [k for k in ks if k <= min_n]
+    if not ks:  # refuse before running anything
+        raise JdlmError(f"pass@k needs at least k samples per problem and some problem has "
+                        f"only {min_n}; pass a smaller --k")
     check_sandbox(limits)
 
     def run(sample: dict) -> dict:
@@ -78,17 +84,10 @@ def evaluate(samples: list[dict], problems: dict[str, dict] | None = None,
     if results_path is not None:
         write_jsonl_atomic(results_path, rows)
 
-    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    for row in rows:
-        counts[row["task_id"]][0] += 1
-        counts[row["task_id"]][1] += row["passed"]
-    min_n = min(n for n, _ in counts.values())
-    scores = {f"pass@{k}": sum(pass_at_k(n, c, k) for n, c in counts.values()) / len(counts)
-              for k in ks if k <= min_n}
-    if not scores:
-        raise JdlmError(f"pass@k for k in {tuple(ks)} needs at least k samples per problem; "
-                        f"some problem has only {min_n} (pass a smaller --k)")
-    return {**scores, "num_problems": len(counts), "num_samples": len(rows),
+    correct = Counter(row["task_id"] for row in rows if row["passed"])
+    scores = {f"pass@{k}": sum(pass_at_k(n, correct[t], k) for t, n in per_problem.items())
+              / len(per_problem) for k in ks}
+    return {**scores, "num_problems": len(per_problem), "num_samples": len(rows),
             "samples_per_problem_min": min_n, "timeout_s": limits.timeout_s,
             "memory_bytes": limits.memory_bytes}
 
