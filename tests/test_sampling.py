@@ -396,6 +396,31 @@ def test_random_rules_reveal_the_published_counts_in_the_active_block(sem_models
     assert (history // steps_per_block == block).all()
 
 
+def test_faithful_dream_uses_one_batch_average_count(sem_models):
+    """Dream's k comes from the batch-average mask count (MODELS.md §1.8); jdlm clamps it to a
+    row's own masks instead of re-masking revealed tokens, and the default counts per row."""
+    model = sem_models["dream"]
+    infill = [{0: 1, 1: 2, 2: 3, 3: 4}, None]  # row 0 has 4 masks, row 1 has 8
+    steps = 4
+    timesteps = torch.linspace(1, 1e-3, steps + 1)
+
+    def pass_counts(faithful):
+        config = SamplerConfig(gen_length=8, steps=steps, order="confidence", schedule="dream",
+                               faithful=faithful)
+        _, history = generate(model, SEM_PROMPTS, config, infill=infill, return_history=True)
+        return np.stack([(history[:, -8:] == i).sum(1) for i in range(steps)], 1)
+
+    left, expect = np.array([4, 8]), []
+    for i in range(steps):
+        m = torch.tensor(left.sum()) / 2  # float32, shared by both rows
+        k = int(m * (1 - timesteps[i + 1] / timesteps[i])) if i < steps - 1 else int(m)
+        expect.append(np.minimum(k, left))
+        left = left - expect[-1]
+    np.testing.assert_array_equal(pass_counts(True), np.stack(expect, 1))
+    assert left[1] > 0  # faithfully, the row with more masks is not finished
+    assert (pass_counts(False).sum(1) == [4, 8]).all()
+
+
 def test_dream_grid_is_torch_linspace_bit_for_bit():
     for n in (2, 3, 9, 65, 257, 345):
         np.testing.assert_array_equal(torch_linspace_f32(1.0, 1e-3, n),
