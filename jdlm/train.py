@@ -153,7 +153,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, gr
             loss, aux, grads = jax.tree.map(lambda x: x / grad_accum, (loss, aux, grads))
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
     return step

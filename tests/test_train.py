@@ -13,8 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import jdlm
 from jdlm.config import TrainConfig
+from jdlm.data import synthetic_language
+from jdlm.diffusion import next_token_nll
 from jdlm.errors import JdlmError
+from jdlm.train import PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -177,9 +181,6 @@ def test_sigterm_leaves_a_complete_checkpoint(tmp_path):
 def test_heldout_bound_reaches_the_entropy_rate(tmp_path):
     """`jdlm train` on a sparse bigram chain (8 tokens, 4 allowed successors each): the held-out
     NELBO per token is an upper bound on the exact entropy rate and ends within 5% of it."""
-    from jdlm.data import synthetic_language
-    from jdlm.train import PRESETS
-
     assert _run_cli("--preset", "tiny-bigram", "--out", str(tmp_path / "bigram"),
                     "--no-progress") == 0
     summary = json.loads((tmp_path / "bigram.run" / "summary.json").read_text())
@@ -187,6 +188,39 @@ def test_heldout_bound_reaches_the_entropy_rate(tmp_path):
     assert summary["entropy_per_token"] == pytest.approx(exact)
     bound = summary["heldout_loss"]
     assert exact * 0.98 < bound < exact * 1.05, (bound, exact)
+
+
+# ----------------------------------------------------------------------------------------------
+# Other objectives and the exported checkpoint
+# ----------------------------------------------------------------------------------------------
+
+SMALL = ["--hidden-size", "32", "--intermediate-size", "64", "--num-layers", "1",
+         "--log-every", "1", "--eval-every", "2", "--no-progress"]
+
+
+def test_ar_baseline_exports_a_loadable_causal_model(tmp_path):
+    out = tmp_path / "ar"
+    assert _run_cli("--preset", "tiny-bigram", "--objective", "ar", "--steps", "4",
+                    "--out", str(out), *SMALL) == 0
+    model = jdlm.load(out)
+    assert model.metadata["objective"] == "ar" and model.metadata["causal"] is True
+    summary = json.loads((tmp_path / "ar.run" / "summary.json").read_text())
+    # The held-out loss is the exact next-token NLL of the exported weights on the held-out rows.
+    held = synthetic_language(PRESETS["tiny-bigram"].data).sample(32 * 128, 16, seed=2)
+    nll = float(next_token_nll(model.logits(held, causal=True), held, 0).mean())
+    np.testing.assert_allclose(summary["heldout_loss"], nll, rtol=1e-5)
+
+
+def test_sft_from_jsonl(tmp_path):
+    pairs = [{"prompt": f"Q: what is {i} plus {i}?", "response": f" A: {2 * i}."} for i in range(60)]
+    (tmp_path / "sft.jsonl").write_text("\n".join(json.dumps(p) for p in pairs) + "\n")
+    out = tmp_path / "sft"
+    assert _run_cli("--data", str(tmp_path / "sft.jsonl"), "--objective", "sft", "--steps", "3",
+                    "--seq-len", "32", "--batch-size", "8", "--vocab-size", "300",
+                    "--heldout-fraction", "0.2", "--out", str(out), *SMALL) == 0
+    summary = json.loads((tmp_path / "sft.run" / "summary.json").read_text())
+    assert summary["step"] == 3 and summary["heldout_loss"] > 0
+    assert (out / "tokenizer.json").exists() and (out / "jdlm.json").exists()
 
 
 # ----------------------------------------------------------------------------------------------
