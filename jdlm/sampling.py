@@ -244,7 +244,6 @@ def _program(state, joint_params, prompt, prompt_mask, gen, seeds, salts, *, sta
     attention = jnp.concatenate([prompt_mask, jnp.ones_like(gen)], axis=1)
     given = gen != mask_id  # infilled tokens, masked with the prompt in CFG's unconditional pass
     row_keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(seeds, salts)
-    block_of = jnp.arange(g, dtype=jnp.int32) // config.block_length
     fractions = jnp.asarray(um.dream_reveal_fractions(config.steps_per_block, config.eps))
     banned = [mask_id] + ([cfg.eos_token_id] if config.logits_eos_inf else [])
     zero_confidence = ([] if not config.confidence_eos_eot_inf else
@@ -284,34 +283,8 @@ def _program(state, joint_params, prompt, prompt_mask, gen, seeds, salts, *, sta
             scores = scores / config.order_temperature + jax.vmap(
                 lambda k: jax.random.gumbel(jax.random.fold_in(k, 1), (g,)))(position_keys)
 
-        masked = gen == mask_id
-        if config.adaptive:  # the first block that still has a mask, per row
-            first = jnp.argmax(masked, axis=1).astype(jnp.int32)
-            block = (first // config.block_length)[:, None]
-        else:
-            block = i // config.steps_per_block
-        eligible = masked & (block_of == block)
-        count = jnp.sum(eligible, axis=1, dtype=jnp.int32)
-        rank = um.ranks(scores, eligible)
-        j = i % config.steps_per_block
-        last = j == config.steps_per_block - 1
-        if config.schedule == "threshold":
-            chosen = um.threshold_selection(confidence, rank, eligible, config.threshold)
-        else:
-            if config.schedule == "entropy_bound":
-                k = um.entropy_bound_counts(um.entropy(sample_logits), scores, eligible,
-                                            config.entropy_budget)
-            elif config.schedule == "llada":
-                k = um.llada_counts(count, config.steps_per_block - j)
-            else:
-                m = count.astype(jnp.float32)
-                if config.faithful:  # Dream: one count for all rows, from the batch average
-                    m = jnp.broadcast_to(jnp.sum(m) / batch, m.shape)
-                k = um.dream_counts(m, fractions[j], last, corrected=not config.faithful)
-            if config.faithful and config.order == "random" and config.schedule == "dream":
-                chosen = eligible & ((uniform < fractions[j]) | last)  # Dream's `origin`
-            else:
-                chosen = eligible & (rank < jnp.minimum(k, count)[:, None])
+        chosen, rank = _choose_positions(config, i, gen == mask_id, scores, confidence, uniform,
+                                         sample_logits, fractions)
         if static.joint_sampler is not None:
             tokens = _joint_tokens(static, joint_params, prompt, gen, hidden, logits, chosen,
                                    rank, gumbel, banned)
@@ -326,6 +299,43 @@ def _program(state, joint_params, prompt, prompt_mask, gen, seeds, salts, *, sta
     init = (jnp.int32(0), gen, jnp.full(gen.shape, -1, jnp.int32))
     passes, gen, revealed_at = jax.lax.while_loop(not_done, step, init)
     return gen, revealed_at, passes
+
+
+def _choose_positions(config: SamplerConfig, i, masked, scores, confidence, uniform,
+                      sample_logits, fractions):
+    """Which masked positions pass `i` reveals: (chosen (B, G) bool, rank (B, G) by score).
+
+    Count schedules work on block i // steps_per_block; adaptive ones on each row's first block
+    that still has a mask (they take as many passes as the model's certainty needs).
+    """
+    g = masked.shape[1]
+    block_of = jnp.arange(g, dtype=jnp.int32) // config.block_length
+    if config.adaptive:
+        first = jnp.argmax(masked, axis=1).astype(jnp.int32)
+        block = (first // config.block_length)[:, None]
+    else:
+        block = i // config.steps_per_block
+    eligible = masked & (block_of == block)
+    count = jnp.sum(eligible, axis=1, dtype=jnp.int32)
+    rank = um.ranks(scores, eligible)
+    if config.schedule == "threshold":
+        return um.threshold_selection(confidence, rank, eligible, config.threshold), rank
+    if config.schedule == "entropy_bound":
+        k = um.entropy_bound_counts(um.entropy(sample_logits), scores, eligible,
+                                    config.entropy_budget)
+        return eligible & (rank < k[:, None]), rank
+    j = i % config.steps_per_block
+    if config.schedule == "llada":
+        k = um.llada_counts(count, config.steps_per_block - j)
+        return eligible & (rank < k[:, None]), rank
+    last = j == config.steps_per_block - 1
+    if config.faithful and config.order == "random":  # Dream's `origin`: a coin per position
+        return eligible & ((uniform < fractions[j]) | last), rank
+    m = count.astype(jnp.float32)
+    if config.faithful:  # Dream: one count for all rows, from the batch average
+        m = jnp.broadcast_to(jnp.sum(m) / m.shape[0], m.shape)
+    k = um.dream_counts(m, fractions[j], last, corrected=not config.faithful)
+    return eligible & (rank < jnp.minimum(k, count)[:, None]), rank
 
 
 def _joint_tokens(static: _Static, params, prompt, gen, hidden, logits, chosen, rank, gumbel,
