@@ -19,6 +19,9 @@ Published quirks (reference/MODELS.md §1.8, §2.6) are reproduced with `faithfu
     probability 1 - s/t instead of a fixed count; the default draws exactly the count.
   * LLaDA's `confidence_eos_eot_inf` as written only zeroes EOT's confidence; the default zeroes
     both EOS and EOT, as the name says.
+  * LLaDA scores positions with the untempered softmax of the logits while drawing tokens at the
+    temperature (faithful with schedule="llada"); the default scores with the distribution the
+    tokens are drawn from, as Dream does.
 Neither mode ever draws the mask token itself (a real model gives it ~0 probability; a random
 one would otherwise leave a "revealed" position masked).
 """
@@ -275,7 +278,9 @@ def _program(state, joint_params, prompt, prompt_mask, gen, seeds, salts, *, sta
                   if config.temperature > 0 else None)
         tokens = um.draw_tokens(sample_logits, gumbel)
         uniform = jax.vmap(lambda k: jax.random.uniform(k, (g,)))(position_keys)
-        score_logits = _ban(sample_logits, zero_confidence)
+        # LLaDA scores positions with the untempered softmax; Dream with the sampling one.
+        llada_scores = config.faithful and config.schedule == "llada"
+        score_logits = _ban(logits if llada_scores else sample_logits, zero_confidence)
         confidence = um.position_scores("confidence", score_logits, tokens, uniform)
         scores = um.position_scores(config.order, score_logits, tokens, uniform)
         if config.order_temperature > 0 and config.order != "random":

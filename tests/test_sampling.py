@@ -64,11 +64,10 @@ def enum_model():
 
 
 @pytest.fixture(scope="module")
-def state_probs(enum_model):
-    """Token distribution p_j(v) at every masked position of every partial canvas.
+def state_logits(enum_model):
+    """Logits at the masked positions of every partial canvas, mask token banned (as in jdlm).
 
-    The canvas is laid out exactly as `generate` lays it out (left padding to the bucket), the
-    mask token is never drawn (as in jdlm), temperature 1.
+    The canvas is laid out exactly as `generate` lays it out (left padding to the bucket).
     """
     cfg = enum_model.config
     width = sampling.prompt_bucket(len(ENUM_PROMPT), ENUM_GEN, cfg.max_position_embeddings)
@@ -81,21 +80,33 @@ def state_probs(enum_model):
     attention = np.broadcast_to(attention, tokens.shape)
     logits = np.asarray(enum_model.logits(tokens, attention), np.float64)[:, width:]
     logits[..., MASK] = -np.inf
-    return {state: softmax(logits[row]) for row, state in enumerate(states)}
+    return {state: logits[row] for row, state in enumerate(states)}
 
 
-def exact_distribution(state_probs, order: str, order_temperature: float = 0.0):
-    """P(final canvas) when each pass reveals one position chosen by the rule, by recursion."""
+@pytest.fixture(scope="module")
+def state_probs(state_logits):
+    """Token distribution p_j(v) at temperature 1 for every partial canvas."""
+    return {state: softmax(logits) for state, logits in state_logits.items()}
+
+
+def exact_distribution(state_probs, order: str, order_temperature: float = 0.0,
+                       score_probs=None):
+    """P(final canvas) when each pass reveals one position chosen by the rule, by recursion.
+
+    Tokens are drawn from `state_probs`; positions are scored with `score_probs` (the same by
+    default, as in Dream; LLaDA scores with the untempered softmax).
+    """
+    score_probs = state_probs if score_probs is None else score_probs
 
     def position_law(state):
         """{(position, token): probability} for one pass from `state`."""
-        probs = state_probs[state]
+        probs, scored = state_probs[state], score_probs[state]
         masked = [j for j, t in enumerate(state) if t is None]
         law = {}
         if order == "confidence":  # the score depends on the drawn tokens: enumerate them all
             for drawn in itertools.product(range(MASK), repeat=len(masked)):
                 weight = math.prod(probs[j][v] for j, v in zip(masked, drawn))
-                conf = np.array([probs[j][v] for j, v in zip(masked, drawn)])
+                conf = np.array([scored[j][v] for j, v in zip(masked, drawn)])
                 choice = pick(conf)
                 for c, j, v in zip(choice, masked, drawn):
                     law[j, v] = law.get((j, v), 0.0) + weight * c
@@ -103,9 +114,9 @@ def exact_distribution(state_probs, order: str, order_temperature: float = 0.0):
         if order == "random":
             score = None
         elif order == "margin":
-            score = np.array([np.diff(np.sort(probs[j])[-2:])[0] for j in masked])
+            score = np.array([np.diff(np.sort(scored[j])[-2:])[0] for j in masked])
         else:
-            score = np.array([np.sum(probs[j] * np.log(probs[j] + 1e-10)) for j in masked])
+            score = np.array([np.sum(scored[j] * np.log(scored[j] + 1e-10)) for j in masked])
         choice = np.full(len(masked), 1 / len(masked)) if score is None else pick(score)
         for c, j in zip(choice, masked):
             for v in range(MASK):
@@ -181,6 +192,19 @@ def test_one_token_per_pass_samples_the_exact_distribution(enum_model, state_pro
         assert total_variation(exact, exact_distribution(state_probs, "random")) > bound
     tv = total_variation(empirical(enum_model, config), exact)
     assert tv < bound, f"{order}: TV {tv:.4f} >= bound {bound:.4f}"
+
+
+def test_llada_scores_with_the_untempered_softmax(enum_model, state_logits, state_probs):
+    """At temperature 0.5, faithful LLaDA draws from softmax(l / 0.5) but ranks positions by
+    softmax(l)[token]; the default ranks by the tempered probability (Dream's rule)."""
+    tempered = {state: softmax(logits / 0.5) for state, logits in state_logits.items()}
+    llada = exact_distribution(tempered, "confidence", score_probs=state_probs)
+    dream = exact_distribution(tempered, "confidence")
+    bound = tv_bound(llada, ENUM_SAMPLES)
+    assert total_variation(llada, dream) > 2 * bound
+    config = SamplerConfig(gen_length=ENUM_GEN, steps=ENUM_GEN, schedule="llada",
+                           order="confidence", temperature=0.5, faithful=True)
+    assert total_variation(empirical(enum_model, config), llada) < bound
 
 
 def test_one_pass_gives_the_product_of_marginals(enum_model, state_probs):
