@@ -108,11 +108,15 @@ def main(argv=None) -> dict:
     generated = args.batch * args.gen_length
 
     seeds = iter(range(10**6))
-    run_jdlm = lambda: jdlm.generate(model, prompts.tolist(), config, seed=next(seeds))  # noqa: E731
     input_ids = torch.as_tensor(prompts, dtype=torch.long)
     torch.manual_seed(0)
-    run_torch = lambda: dream_sample_torch(torch_model, input_ids, mask_id, args.gen_length,  # noqa: E731
-                                           args.steps, args.temperature)
+
+    def run_jdlm():
+        return jdlm.generate(model, prompts.tolist(), config, seed=next(seeds))
+
+    def run_torch():
+        return dream_sample_torch(torch_model, input_ids, mask_id, args.gen_length, args.steps,
+                                  args.temperature)
     compile_s, warmup_torch_s = seconds(run_jdlm), seconds(run_torch)
     jdlm_s, torch_s = interleaved_medians([run_jdlm, run_torch], args.repeats)
 

@@ -165,7 +165,8 @@ def _check_runtime(config: SamplerConfig, cfg: ModelConfig, longest: int) -> Non
     if longest + config.gen_length > context:
         raise JdlmError(f"prompt ({longest} tokens) + gen_length ({config.gen_length}) exceeds the "
                         f"model's context of {context} positions; shorten one of them")
-    if config.gumbel_dtype == "float64" and config.temperature > 0 and not jax.config.jax_enable_x64:
+    wants_x64 = config.gumbel_dtype == "float64" and config.temperature > 0
+    if wants_x64 and not jax.config.jax_enable_x64:
         raise JdlmError("gumbel_dtype='float64' needs 64-bit JAX: set JAX_ENABLE_X64=1 (or "
                         "jax.config.update('jax_enable_x64', True)) before importing jdlm, or "
                         "use gumbel_dtype='float32'")

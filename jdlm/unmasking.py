@@ -16,11 +16,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+# Dream's names for the orders: origin, maskgit_plus, topk_margin, entropy (MODELS.md §1.8);
+# LLaDA's: random, low_confidence.
 ORDERS = ("random", "confidence", "margin", "entropy")
 SCHEDULES = ("dream", "llada", "threshold", "entropy_bound")
-# Dream's name for each position rule (reference/MODELS.md §1.8).
-DREAM_ALG = {"random": "origin", "confidence": "maskgit_plus", "margin": "topk_margin",
-             "entropy": "entropy"}
 
 
 # -- token distribution and candidate tokens ---------------------------------------------------

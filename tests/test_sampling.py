@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from pathlib import Path
 
 import jax
@@ -389,9 +390,9 @@ def test_llada_low_confidence_matches_the_published_loop(sem_models, case):
     model = sem_models["llada_eos" if eos_controls else "llada"]
     cfg = model.config
     (prompt, attention), width = padded_prompts(model, case["gen_length"])
-    ref_x, ref_at, _ = llada_reference(logits_fn(model), prompt, attention, remasking="low_confidence",
-                                       mask_id=cfg.mask_token_id, eos=cfg.eos_token_id,
-                                       eot=cfg.eot_token_id, **case)
+    ref_x, ref_at, _ = llada_reference(logits_fn(model), prompt, attention,
+                                       remasking="low_confidence", mask_id=cfg.mask_token_id,
+                                       eos=cfg.eos_token_id, eot=cfg.eot_token_id, **case)
     config = SamplerConfig(order="confidence", schedule="llada", faithful=True, **case)
     tokens, history = jdlm_run(model, config, width)
     np.testing.assert_array_equal(history, ref_at[:, width:])
@@ -550,14 +551,8 @@ def test_a_row_is_the_same_alone_and_in_a_batch(sem_models, family):
     (dict(gen_length=0), "gen_length"),
 ])
 def test_bad_sampler_config_is_refused(kwargs, words):
-    with pytest.raises(JdlmError, match=re_escape(words)):
+    with pytest.raises(JdlmError, match=re.escape(words)):
         SamplerConfig(**kwargs)
-
-
-def re_escape(text):
-    import re
-
-    return re.escape(text)
 
 
 def test_bad_requests_are_refused_before_compiling(sem_models):
@@ -741,3 +736,17 @@ def test_cli_generate_jsonl_with_show_steps(tmp_path, capsys):
     assert (tmp_path / "b1.jsonl").read_text() == out.read_text()
     assert main(["generate", "--model", str(tmp_path / "dream"), "--prompt", "hi"]) == 2
     assert "no tokenizer" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_generate_prints_the_ratio(tmp_path, capsys):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "bench_generate.py"
+    spec = importlib.util.spec_from_file_location("bench_generate", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--batch", "2", "--gen-length", "8", "--steps", "8", "--repeats", "1",
+                         "--out-dir", str(tmp_path)])
+    assert result["ratio"] > 0 and "jdlm / PyTorch speed ratio" in capsys.readouterr().out
+    assert (tmp_path / "bench_generate.md").is_file()
