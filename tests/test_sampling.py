@@ -736,6 +736,17 @@ def test_cli_generate_jsonl_with_show_steps(tmp_path, capsys):
     assert (tmp_path / "b1.jsonl").read_text() == out.read_text()
     assert main(["generate", "--model", str(tmp_path / "dream"), "--prompt", "hi"]) == 2
     assert "no tokenizer" in capsys.readouterr().err
+    # with a tokenizer: text in, text out (cut at the first EOS)
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.WordLevel(vocab={f"w{i}": i for i in range(32)}, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(tmp_path / "dream" / "tokenizer.json"))
+    assert main(["generate", "--model", str(tmp_path / "dream"), "--prompt", "w1 w2 w3",
+                 "--gen-length", "6", "--temperature", "1.0", "--logits-eos-inf"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["prompt"] == "w1 w2 w3" and row["prompt_ids"] == [1, 2, 3]
+    assert row["text"].split() == [f"w{t}" for t in row["tokens"]]
 
 
 @pytest.mark.slow
