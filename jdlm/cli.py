@@ -297,6 +297,18 @@ def cmd_eval_judge(args) -> None:
     print(json.dumps(result, indent=2))
 
 
+# -- probe ------------------------------------------------------------------------------------
+
+
+def cmd_probe(args) -> None:
+    from jdlm.eval.probe import run
+
+    out = args.out or f"results/probe-{Path(args.model).name}"
+    summary = run(args.model, out, prompts_path=args.prompts, num_masks=args.num_masks,
+                  corpus=args.corpus, chat=args.chat, batch_size=args.batch_size, mesh=args.mesh)
+    print(json.dumps(summary, indent=2))
+
+
 # -- the parser -------------------------------------------------------------------------------
 
 
@@ -421,6 +433,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default=None, help="e.g. bfloat16 (default float32)")
     e.add_argument("--results", default=None, help="per-text JSONL (default TEXTS_results)")
     e.set_defaults(func=cmd_eval_judge)
+
+    p = sub.add_parser("probe", help="top-3 predictions at N masks appended to prompts, by "
+                                     "distance (table, JSON, heatmap and plots)")
+    p.add_argument("--model", required=True, help="HF directory or converted checkpoint")
+    p.add_argument("--prompts", default=None,
+                   help='.jsonl with "prompt" (or "text"), or one prompt a line (default: a '
+                        "small built-in set)")
+    p.add_argument("--num-masks", type=int, default=None,
+                   help="masks appended (default 128, or what the context leaves)")
+    p.add_argument("--corpus", default=None,
+                   help="text source ranking tokens by frequency (pydocs, a .txt/.jsonl file, "
+                        "...; default: the checkpoint's recorded training data)")
+    p.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--out", default=None, help="output directory (default results/probe-MODEL)")
+    _add_mesh(p)
+    p.set_defaults(func=cmd_probe)
     return parser
 
 

@@ -1,4 +1,5 @@
-"""JSONL in and out for evaluation files; results are written to a temp file, then renamed."""
+"""JSONL in and out for evaluation files; every result (JSONL, JSON, CSV, PNG) is written to a
+temp file, then renamed, so nothing half-written is left on disk."""
 
 from __future__ import annotations
 
@@ -27,20 +28,21 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 
 def write_jsonl_atomic(path: str | Path, rows) -> Path:
-    return _write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def write_json_atomic(path: str | Path, obj) -> Path:
-    return _write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    return write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
-def _write_atomic(path: str | Path, text: str) -> Path:
+def write_atomic(path: str | Path, data: str | bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide results from other users
+        with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
