@@ -238,12 +238,40 @@ def _token_noise(keys, shape, dtype):
     return jax.vmap(lambda k: jax.random.gumbel(k, shape, dtype))(keys)
 
 
+def _take_block(x: Array, start: Int[Array, " b"], size: int) -> Array:
+    """Per row, x[row, start[row]:start[row] + size] (x is (B, G, ...))."""
+    return jax.vmap(lambda row, s: jax.lax.dynamic_slice_in_dim(row, s, size, axis=0))(x, start)
+
+
+def _put_block(x: Array, block: Array, start: Int[Array, " b"]) -> Array:
+    return jax.vmap(lambda row, new, s: jax.lax.dynamic_update_slice_in_dim(row, new, s, axis=0))(
+        x, block, start)
+
+
+def _block_start(config: SamplerConfig, i, masked) -> Int[Array, " b"]:
+    """Where each row's active block starts in the generated span.
+
+    Count schedules give every block steps/num_blocks passes, so pass i works on block
+    i // steps_per_block; adaptive ones take each row's first block that still has a mask.
+    """
+    if config.adaptive:
+        block = jnp.argmax(masked, axis=1).astype(jnp.int32) // config.block_length
+    else:
+        block = jnp.broadcast_to(i // config.steps_per_block, masked.shape[:1])
+    return block * config.block_length
+
+
 @functools.partial(jax.jit, static_argnames=("static",))
 def _program(state, joint_params, prompt, prompt_mask, gen, seeds, salts, *, static: _Static):
-    """(gen (B, G) tokens, revealed_at (B, G) step or -1, passes run)."""
+    """(gen (B, G) tokens, revealed_at (B, G) step or -1, passes run).
+
+    Only the active block (B, K = block_length) goes through the output head and the sampling
+    math: with semi-autoregressive blocks that is a fraction of the canvas, and the prompt is
+    never projected onto the vocabulary.
+    """
     config, cfg = static.config, static.model
-    batch, width = prompt.shape
-    g, mask_id = config.gen_length, cfg.mask_token_id
+    width, size = prompt.shape[1], config.block_length
+    mask_id = cfg.mask_token_id
     model = nnx.merge(static.graphdef, state)
     attention = jnp.concatenate([prompt_mask, jnp.ones_like(gen)], axis=1)
     given = gen != mask_id  # infilled tokens, masked with the prompt in CFG's unconditional pass
@@ -255,30 +283,42 @@ def _program(state, joint_params, prompt, prompt_mask, gen, seeds, salts, *, sta
                        sorted({cfg.eos_token_id, cfg.eot_token_id}))
     noise_dtype = jnp.float64 if config.gumbel_dtype == "float64" else jnp.float32
 
-    def forward(gen):
+    def block_logits(hidden, start):
+        """Output head on the active block only: (B, L, D) -> (B, K, V)."""
+        return model.head(_take_block(hidden[:, width:], start, size))
+
+    def forward(gen, start):
+        """Logits of the active block (B, K, V), CFG applied, mask (and EOS) banned, and the
+        hidden states (B, L, D)."""
         canvas = jnp.concatenate([prompt, gen], axis=1)
         if config.cfg_scale > 0:
             uncond = jnp.concatenate([jnp.full_like(prompt, mask_id),
                                       jnp.where(given, mask_id, gen)], axis=1)
-            out = model(jnp.concatenate([canvas, uncond]), jnp.concatenate([attention, attention]),
-                        attn_impl=static.attn_impl, return_hidden=True)
-            logits, un = jnp.split(out[0], 2)
-            return (un + (config.cfg_scale + 1) * (logits - un)), out[1][:batch]
-        return model(canvas, attention, attn_impl=static.attn_impl, return_hidden=True)
+            _, hidden = model(jnp.concatenate([canvas, uncond]),
+                              jnp.concatenate([attention, attention]),
+                              attn_impl=static.attn_impl, return_hidden=True)
+            cond, un = jnp.split(hidden, 2)
+            logits, un_logits = block_logits(cond, start), block_logits(un, start)
+            # Ban tokens after guidance: -inf - -inf would be nan.
+            guided = un_logits + (config.cfg_scale + 1) * (logits - un_logits)
+            return _ban(guided, banned), cond
+        _, hidden = model(canvas, attention, attn_impl=static.attn_impl, return_hidden=True)
+        return _ban(block_logits(hidden, start), banned), hidden
 
     def step(carry):
         i, gen, revealed_at = carry
-        logits, hidden = forward(gen)
-        logits = _ban(logits[:, width:], banned)
+        start = _block_start(config, i, gen == mask_id)
+        logits, hidden = forward(gen, start)
+        block = _take_block(gen, start, size)
         step_keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, i)
         token_keys = jax.vmap(jax.random.fold_in, (0, None))(step_keys, 0)
         position_keys = jax.vmap(jax.random.fold_in, (0, None))(step_keys, 1)
 
         sample_logits = um.sampling_logits(logits, config.temperature, config.top_p, config.top_k)
-        gumbel = (_token_noise(token_keys, (g, cfg.vocab_size), noise_dtype)
+        gumbel = (_token_noise(token_keys, (size, cfg.vocab_size), noise_dtype)
                   if config.temperature > 0 else None)
         tokens = um.draw_tokens(sample_logits, gumbel)
-        uniform = jax.vmap(lambda k: jax.random.uniform(k, (g,)))(position_keys)
+        uniform = jax.vmap(lambda k: jax.random.uniform(k, (size,)))(position_keys)
         # LLaDA scores positions with the untempered softmax; Dream with the sampling one.
         llada_scores = config.faithful and config.schedule == "llada"
         score_logits = _ban(logits if llada_scores else sample_logits, zero_confidence)
@@ -287,15 +327,16 @@ def _program(state, joint_params, prompt, prompt_mask, gen, seeds, salts, *, sta
         if config.order_temperature > 0 and config.order != "random":
             # Gumbel-top-k = sampling k positions from softmax(score/T) without replacement.
             scores = scores / config.order_temperature + jax.vmap(
-                lambda k: jax.random.gumbel(jax.random.fold_in(k, 1), (g,)))(position_keys)
+                lambda k: jax.random.gumbel(jax.random.fold_in(k, 1), (size,)))(position_keys)
 
-        chosen, rank = _choose_positions(config, i, gen == mask_id, scores, confidence, uniform,
-                                         sample_logits, fractions)
+        chosen, rank = _choose_positions(config, i, block == mask_id, scores, confidence,
+                                         uniform, sample_logits, fractions)
         if static.joint_sampler is not None:
             tokens = _joint_tokens(static, joint_params, prompt, gen, hidden, logits, chosen,
-                                   rank, gumbel, banned)
-        gen = jnp.where(chosen, tokens, gen)
-        revealed_at = jnp.where(chosen, i, revealed_at)
+                                   rank, gumbel, start, banned)
+        gen = _put_block(gen, jnp.where(chosen, tokens, block), start)
+        revealed_at = _put_block(
+            revealed_at, jnp.where(chosen, i, _take_block(revealed_at, start, size)), start)
         return i + 1, gen, revealed_at
 
     def not_done(carry):
@@ -307,21 +348,12 @@ def _program(state, joint_params, prompt, prompt_mask, gen, seeds, salts, *, sta
     return gen, revealed_at, passes
 
 
-def _choose_positions(config: SamplerConfig, i, masked, scores, confidence, uniform,
+def _choose_positions(config: SamplerConfig, i, eligible, scores, confidence, uniform,
                       sample_logits, fractions):
-    """Which masked positions pass `i` reveals: (chosen (B, G) bool, rank (B, G) by score).
+    """Which masked positions of the active block pass `i` reveals.
 
-    Count schedules work on block i // steps_per_block; adaptive ones on each row's first block
-    that still has a mask (they take as many passes as the model's certainty needs).
+    eligible: (B, K) the block's masked positions. Returns (chosen (B, K), rank (B, K) by score).
     """
-    g = masked.shape[1]
-    block_of = jnp.arange(g, dtype=jnp.int32) // config.block_length
-    if config.adaptive:
-        first = jnp.argmax(masked, axis=1).astype(jnp.int32)
-        block = (first // config.block_length)[:, None]
-    else:
-        block = i // config.steps_per_block
-    eligible = masked & (block_of == block)
     count = jnp.sum(eligible, axis=1, dtype=jnp.int32)
     rank = um.ranks(scores, eligible)
     if config.schedule == "threshold":
@@ -345,29 +377,32 @@ def _choose_positions(config: SamplerConfig, i, masked, scores, confidence, unif
 
 
 def _joint_tokens(static: _Static, params, prompt, gen, hidden, logits, chosen, rank, gumbel,
-                  banned):
+                  start, banned):
     """Draw the chosen tokens one at a time in rank order, refreshing the logits after each.
 
-    The joint sampler maps (params, canvas, hidden) -> (hidden, logits) over the whole canvas;
-    positions and counts stay those chosen from the base logits. Drawing with the same noise
-    means a joint sampler that returns the base logits changes nothing.
+    The joint sampler maps (params, canvas (B, L), hidden (B, L, D)) -> (hidden, logits
+    (B, L, V)); positions and counts stay those chosen from the base logits. Drawing with the
+    same noise means a joint sampler that returns the base logits changes nothing. Works on the
+    active block: logits, chosen, rank, gumbel are (B, K, ...); returns the block's tokens.
     """
     config = static.config
-    width = prompt.shape[1]
+    width, size = prompt.shape[1], config.block_length
     turn = um.ranks(-rank.astype(jnp.float32), chosen)  # 0, 1, ... among the chosen positions
 
     def micro_step(carry):
         m, gen, hidden, logits = carry
         sample_logits = um.sampling_logits(logits, config.temperature, config.top_p, config.top_k)
-        gen = jnp.where(chosen & (turn == m), um.draw_tokens(sample_logits, gumbel), gen)
+        block = _take_block(gen, start, size)
+        block = jnp.where(chosen & (turn == m), um.draw_tokens(sample_logits, gumbel), block)
+        gen = _put_block(gen, block, start)
         hidden, full_logits = static.joint_sampler(params, jnp.concatenate([prompt, gen], 1),
                                                    hidden)
-        return m + 1, gen, hidden, _ban(full_logits[:, width:], banned)
+        return m + 1, gen, hidden, _ban(_take_block(full_logits[:, width:], start, size), banned)
 
     most = jnp.max(jnp.sum(chosen, axis=1))
-    _, out, _, _ = jax.lax.while_loop(lambda c: c[0] < most, micro_step,
+    _, gen, _, _ = jax.lax.while_loop(lambda c: c[0] < most, micro_step,
                                       (jnp.int32(0), gen, hidden, logits))
-    return out
+    return _take_block(gen, start, size)
 
 
 # -- the public entry point ----------------------------------------------------------------------
