@@ -14,7 +14,10 @@ Published quirks (reference/MODELS.md §1.8, §2.6) are reproduced with `faithfu
   * Dream computes one count for the whole batch from the batch-average mask count; with
     steps == gen_length its float32 grid makes the first step reveal nothing and the last two.
     The default counts per row and reveals at least one token per step (so steps == gen_length
-    is one token per forward pass, as intended).
+    is one token per forward pass, as intended). When rows have different mask counts (infill),
+    Dream's code re-masks revealed tokens of a row with fewer masks than the shared count;
+    jdlm clamps the count to the row's masks instead, and, as in Dream, a row with more masks
+    than the shared final count keeps some.
   * Dream's `origin` (order="random", schedule="dream") reveals each masked position with
     probability 1 - s/t instead of a fixed count; the default draws exactly the count.
   * LLaDA's `confidence_eos_eot_inf` as written only zeroes EOT's confidence; the default zeroes
