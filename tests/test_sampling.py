@@ -352,7 +352,8 @@ def logits_fn(model):
     return lambda x, am: np.array(model.logits(x, am), np.float32)
 
 
-def jdlm_run(model, config, width):
+def jdlm_run(model, config):
+    """jdlm's generated tokens and reveal history (B, gen_length) for the test prompts."""
     tokens, history = generate(model, SEM_PROMPTS, config, return_history=True)
     longest = max(map(len, SEM_PROMPTS))
     return tokens[:, longest:], history[:, longest:]
@@ -368,7 +369,7 @@ def test_dream_algorithms_match_the_published_loop(sem_models, alg, gen_length, 
                                     gen_length, steps, alg)
     config = SamplerConfig(gen_length=gen_length, steps=steps, order=order, schedule="dream",
                            faithful=True)
-    tokens, history = jdlm_run(model, config, width)
+    tokens, history = jdlm_run(model, config)
     np.testing.assert_array_equal(history, ref_at[:, width:])
     np.testing.assert_array_equal(tokens, ref_x[:, width:])
     if steps == gen_length:  # the documented quirk: nothing in the first pass, two in the last
@@ -394,12 +395,12 @@ def test_llada_low_confidence_matches_the_published_loop(sem_models, case):
                                        remasking="low_confidence", mask_id=cfg.mask_token_id,
                                        eos=cfg.eos_token_id, eot=cfg.eot_token_id, **case)
     config = SamplerConfig(order="confidence", schedule="llada", faithful=True, **case)
-    tokens, history = jdlm_run(model, config, width)
+    tokens, history = jdlm_run(model, config)
     np.testing.assert_array_equal(history, ref_at[:, width:])
     np.testing.assert_array_equal(tokens, ref_x[:, width:])
     if eos_controls:  # the control changes this model's output, so the comparison has power
         plain = config.replace(logits_eos_inf=False, confidence_eos_eot_inf=False)
-        plain_tokens, plain_history = jdlm_run(model, plain, width)
+        plain_tokens, plain_history = jdlm_run(model, plain)
         assert not (np.array_equal(plain_tokens, tokens) and np.array_equal(plain_history, history))
 
 
@@ -408,17 +409,37 @@ def test_random_rules_reveal_the_published_counts_in_the_active_block(sem_models
     Here: LLaDA `random` reveals the published count per step, only inside the current block."""
     model = sem_models["llada"]
     case = dict(steps=6, gen_length=12, block_length=4, cfg_scale=0.0)
-    (prompt, attention), width = padded_prompts(model, case["gen_length"])
+    (prompt, attention), _ = padded_prompts(model, case["gen_length"])
     _, _, counts = llada_reference(logits_fn(model), prompt, attention, remasking="random",
                                    mask_id=model.config.mask_token_id,
                                    rng=np.random.default_rng(0), **case)
     config = SamplerConfig(order="random", schedule="llada", temperature=1.0, **case)
-    _, history = jdlm_run(model, config, width)
+    _, history = jdlm_run(model, config)
     jdlm_counts = np.stack([(history == i).sum(1) for i in range(case["steps"])], 1)
     np.testing.assert_array_equal(jdlm_counts, counts)
     steps_per_block = case["steps"] // (case["gen_length"] // case["block_length"])
     block = np.arange(case["gen_length"]) // case["block_length"]
     assert (history // steps_per_block == block).all()
+
+
+def test_faithful_dream_origin_reveals_each_mask_with_probability_one_minus_s_over_t(enum_model):
+    """Dream's `origin`: every masked position is revealed with probability 1 - s/t at each step
+    (all on the last). 4,000 rows x 8 positions; each rate within 5 standard errors."""
+    steps, rows = 4, 4000
+    config = SamplerConfig(gen_length=8, steps=steps, order="random", schedule="dream",
+                           temperature=1.0, faithful=True)
+    _, history = generate(enum_model, [ENUM_PROMPT] * rows, config, return_history=True)
+    hist = history[:, -8:]
+    t = torch.linspace(1, 1e-3, steps + 1).double().numpy()
+    left = hist.size
+    for i in range(steps):
+        revealed = int((hist == i).sum())
+        if i == steps - 1:
+            assert revealed == left
+            break
+        p = 1 - t[i + 1] / t[i]
+        assert abs(revealed / left - p) < 5 * math.sqrt(p * (1 - p) / left), (i, revealed, left)
+        left -= revealed
 
 
 def test_faithful_dream_uses_one_batch_average_count(sem_models):
