@@ -301,10 +301,10 @@ def plot_aggregates(path: Path, agg: dict, title: str) -> Path:
     prob_axis.plot(d, agg["mean_top1_prob"], color="C1")
     prob_axis.set_ylabel("top-1 probability", color="C1")
     axes[0, 0].set_title("mean over prompts")
-    if "median_top1_rank" in agg:
-        axes[0, 1].plot(d, agg["median_top1_rank"])
-        axes[0, 1].set_yscale("log")
-        axes[0, 1].set_title("median corpus-frequency rank of top-1 (1 = most frequent)")
+    if "mean_log10_top1_rank" in agg:
+        axes[0, 1].plot(d, agg["mean_log10_top1_rank"])
+        axes[0, 1].set_ylim(bottom=0)
+        axes[0, 1].set_title("mean log10 corpus-frequency rank of top-1 (0 = most frequent)")
     else:
         axes[0, 1].text(0.5, 0.5, "no reference corpus (--corpus)", ha="center",
                         transform=axes[0, 1].transAxes)
