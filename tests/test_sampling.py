@@ -703,8 +703,10 @@ def test_joint_sampler_refreshes_the_logits_between_tokens_of_a_pass(sem_models)
             assert (gen[row, revealed] == 7).sum() >= len(revealed) - 1
 
 
+@pytest.mark.slow
 def test_float64_gumbel_runs_under_x64(tmp_path):
-    """LLaDA's float64 Gumbel noise, in a fresh process with JAX_ENABLE_X64=1."""
+    """LLaDA's float64 Gumbel noise, in a fresh process with JAX_ENABLE_X64=1 (slow: a fresh
+    interpreter and compile)."""
     import os
     import subprocess
     import sys
