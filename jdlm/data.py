@@ -74,7 +74,9 @@ def texts_from_examples(examples: Iterable[dict], field: str = "text") -> list[s
             raise JdlmError(f"TFDS example has no {field!r} feature (it has {sorted(ex)}); "
                             "pick a dataset with a text feature")
         value = ex[field]
-        out.append(value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value))
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", errors="replace")
+        out.append(str(value))
     return out
 
 
@@ -82,7 +84,8 @@ def tfds_texts(name: str, split: str = "train", field: str = "text") -> list[str
     try:
         import tensorflow_datasets as tfds
     except ImportError as err:
-        raise JdlmError(f"--data tfds:{name} needs TensorFlow Datasets; pip install 'jdlm[tfds]'") from err
+        raise JdlmError(f"--data tfds:{name} needs TensorFlow Datasets; "
+                        "pip install 'jdlm[tfds]'") from err
     return texts_from_examples(tfds.as_numpy(tfds.load(name, split=split)), field)
 
 
@@ -156,7 +159,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path) 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS.values()),
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size,
+                                  special_tokens=list(SPECIAL_TOKENS.values()),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     tok.train_from_iterator(texts, trainer)
@@ -226,7 +230,8 @@ class BatchIterator:
 
     def _permutation(self) -> np.ndarray:
         if self._order is None or self._order[0] != self.epoch:
-            self._order = (self.epoch, np.random.default_rng([self.seed, self.epoch]).permutation(self.num_rows))
+            rng = np.random.default_rng([self.seed, self.epoch])
+            self._order = (self.epoch, rng.permutation(self.num_rows))
         return self._order[1]
 
     def __iter__(self):
@@ -235,7 +240,8 @@ class BatchIterator:
     def __next__(self) -> dict[str, np.ndarray]:
         if (self.index + 1) * self.batch_size > self.num_rows:
             self.epoch, self.index = self.epoch + 1, 0
-        take = np.sort(self._permutation()[self.index * self.batch_size:(self.index + 1) * self.batch_size])
+        start = self.index * self.batch_size
+        take = np.sort(self._permutation()[start:start + self.batch_size])
         self.index += 1
         return {k: v[take] for k, v in self.arrays.items()}
 

@@ -113,8 +113,9 @@ def learning_rate_schedule(tc: TrainConfig) -> optax.Schedule:
         return optax.join_schedules(
             [optax.linear_schedule(0.0, tc.learning_rate, max(warmup, 1)),
              optax.constant_schedule(tc.learning_rate)], [warmup])
-    return optax.warmup_cosine_decay_schedule(0.0, tc.learning_rate, warmup, max(tc.steps, warmup + 1),
-                                              end_value=tc.learning_rate * tc.min_lr_ratio)
+    return optax.warmup_cosine_decay_schedule(
+        0.0, tc.learning_rate, warmup, max(tc.steps, warmup + 1),
+        end_value=tc.learning_rate * tc.min_lr_ratio)
 
 
 def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
@@ -127,6 +128,12 @@ def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
     )
 
 
+def _interleave(x: jax.Array, parts: int) -> jax.Array:
+    """(B, ...) -> (parts, B / parts, ...) where part i holds rows i, i + parts, ...: each
+    device's contiguous shard of the batch splits evenly across the micro-batches."""
+    return x.reshape(x.shape[0] // parts, parts, *x.shape[1:]).swapaxes(0, 1)
+
+
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, grad_accum: int):
     """(state, frozen, batch, rng) -> (state, metrics); state = {step, params, opt_state}."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -136,20 +143,18 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, gr
         if grad_accum == 1:
             (loss, aux), grads = grad_fn(state["params"], frozen, batch, rng)
         else:
-            # Micro-batch i takes rows i, i + A, ...: every device keeps an equal share.
-            micro = jax.tree.map(
-                lambda x: x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1),
-                batch)
+            micro = jax.tree.map(lambda x: _interleave(x, grad_accum), batch)
 
-            def accumulate(carry, inputs):
+            def accumulate(total, inputs):
                 i, mb = inputs
-                (loss, aux), grads = grad_fn(state["params"], frozen, mb, jax.random.fold_in(rng, i))
-                return jax.tree.map(jnp.add, carry, (loss, aux, grads)), None
+                out = grad_fn(state["params"], frozen, mb, jax.random.fold_in(rng, i))
+                return jax.tree.map(jnp.add, total, out), None
 
-            zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, state["params"], frozen,
-                                                                jax.tree.map(lambda x: x[0], micro), rng))
-            zeros = (zeros[0][0], zeros[0][1], zeros[1])
-            (loss, aux, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum), micro))
+            first = jax.tree.map(lambda x: x[0], micro)
+            zeros = jax.tree.map(jnp.zeros_like,
+                                 jax.eval_shape(grad_fn, state["params"], frozen, first, rng))
+            ((loss, aux), grads), _ = jax.lax.scan(accumulate, zeros,
+                                                   (jnp.arange(grad_accum), micro))
             loss, aux, grads = jax.tree.map(lambda x: x / grad_accum, (loss, aux, grads))
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
@@ -209,9 +214,11 @@ def _global_batch(local: dict[str, np.ndarray], sharding) -> dict[str, jax.Array
 
 
 def _batch_shardings(example: dict[str, np.ndarray], mesh) -> dict[str, NamedSharding]:
-    return {k: NamedSharding(mesh, logical_spec(("batch",) + (None,) * (v.ndim - 1),
-                                                (v.shape[0] * jax.process_count(),) + v.shape[1:], mesh))
-            for k, v in example.items()}
+    def spec(v):
+        global_shape = (v.shape[0] * jax.process_count(),) + v.shape[1:]
+        return logical_spec(("batch",) + (None,) * (v.ndim - 1), global_shape, mesh)
+
+    return {k: NamedSharding(mesh, spec(v)) for k, v in example.items()}
 
 
 def _trim_metrics(path: Path, last_step: int) -> None:
@@ -277,7 +284,8 @@ def train(
 
         manager = ocp.CheckpointManager(
             run_dir / "checkpoints",
-            options=ocp.CheckpointManagerOptions(max_to_keep=tc.keep, save_interval_steps=tc.save_every,
+            options=ocp.CheckpointManagerOptions(max_to_keep=tc.keep,
+                                                 save_interval_steps=tc.save_every,
                                                  enable_async_checkpointing=True))
         start = manager.latest_step() or 0
         if start:
@@ -318,8 +326,9 @@ def train(
                 if step % tc.log_every == 0 or step == tc.steps:
                     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     now = time.perf_counter()
+                    speed = tokens_per_step * (step - last_step) / (now - last_time)
                     record = {"step": step, **metrics, "lr": float(schedule(step - 1)),
-                              "tokens_per_s": tokens_per_step * (step - last_step) / (now - last_time)}
+                              "tokens_per_s": speed}
                     last_time, last_step = now, step
                     bar.set_postfix(loss=f"{metrics['loss']:.3f}",
                                     tok_s=f"{record['tokens_per_s']:.0f}")
@@ -460,10 +469,10 @@ def prepare_data(spec: str, tc: TrainConfig, run_dir: Path, *, vocab_size: int,
     if tc.objective == "sft":
         train_pairs, held_pairs = D.split_heldout(pairs, heldout_fraction,
                                                   key=lambda pair: "\x00".join(pair))
-        rows = {k: D.sft_rows(_encode_pairs(tokenizer, p), tc.seq_len, special["bos"],
-                              special["eos"]) for k, p in (("train", train_pairs), ("held", held_pairs))}
-        train_rows = {k: v[pi::pc] for k, v in rows["train"].items()}
-        held_rows = {k: v[pi::pc] for k, v in rows["held"].items()}
+        train_rows, held_rows = (
+            {k: v[pi::pc] for k, v in D.sft_rows(_encode_pairs(tokenizer, p), tc.seq_len,
+                                                 special["bos"], special["eos"]).items()}
+            for p in (train_pairs, held_pairs))
     else:
         train_texts, held_texts = D.split_heldout(texts, heldout_fraction)
         train_rows = {"tokens": D.pack(D.tokenize(tokenizer, D.host_shard(train_texts, pi, pc)),
@@ -508,7 +517,8 @@ def run(tc: TrainConfig, *, data: str, run_dir: str | Path, out_dir: str | Path 
     params, tokenizer = None, None
     if init:
         base = load(init, mesh=mesh, dtype="float32")
-        tokenizer = str(Path(init) / "tokenizer.json") if (Path(init) / "tokenizer.json").exists() else None
+        shipped = Path(init) / "tokenizer.json"
+        tokenizer = str(shipped) if shipped.exists() else None
         if tokenizer is None and not data.startswith("synthetic:"):
             raise JdlmError(f"{init} ships no tokenizer.json, so text data cannot be tokenised "
                             "the way it was trained; fine-tune it on its own kind of data")
