@@ -54,6 +54,14 @@ def test_tfds_source_through_its_api(monkeypatch):
         data.texts_from_examples([{"content": b"x"}])
 
 
+@pytest.mark.slow  # imports TensorFlow (~15 s); the stand-in test above covers jdlm's side
+def test_tfds_mock_data():
+    tfds = pytest.importorskip("tensorflow_datasets", reason="the [tfds] extra is not installed")
+    with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
+        texts = data.load_texts("tfds:lm1b:train")
+    assert len(texts) == 6 and all(isinstance(t, str) and t for t in texts)
+
+
 def test_tfds_missing_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)
     with pytest.raises(JdlmError, match=r"jdlm\[tfds\]"):
