@@ -105,7 +105,7 @@ def cmd_train(args) -> None:
         overrides["compute_dtype"] = "bfloat16"
     if args.remat:
         overrides["remat"] = True
-    tc = TrainConfig(**{**(preset.train if preset else {}), **overrides})
+    tc = preset.train_config(**overrides) if preset else TrainConfig(**overrides)
     model_shape = {**(preset.model if preset else {
         "hidden_size": 128, "intermediate_size": 384, "num_layers": 4, "num_heads": 4,
         "num_kv_heads": 4, "max_position_embeddings": 512})}

@@ -44,6 +44,7 @@ from jaxtyping import Array, Int
 from jdlm import unmasking as um
 from jdlm.config import ModelConfig
 from jdlm.errors import JdlmError
+from jdlm.sharding import named_sharding
 
 MIN_PROMPT_BUCKET = 16
 
@@ -441,8 +442,14 @@ def generate(
     prompt, prompt_mask, gen, longest = _canvas(prompts, config, cfg, infill)
     seeds, salts = _row_seeds(seed, len(prompts))
     static = _Static(config, cfg, model.graphdef, model.attn_impl, joint_sampler)
-    out, revealed_at, _ = _program(model.state, joint_params, prompt, prompt_mask, gen, seeds,
-                                   salts, static=static)
+    rows = (prompt, prompt_mask, gen, seeds, salts)
+    if model.mesh is None:
+        out, revealed_at, _ = _program(model.state, joint_params, *rows, static=static)
+    else:  # rows split over the batch axes of the model's mesh, activations constrained by it
+        with jax.set_mesh(model.mesh):
+            rows = [jax.device_put(x, named_sharding(("batch",) + (None,) * (x.ndim - 1),
+                                                     x.shape, model.mesh)) for x in rows]
+            out, revealed_at, _ = _program(model.state, joint_params, *rows, static=static)
     tokens = np.concatenate([prompt[:, prompt.shape[1] - longest:], np.asarray(out)], axis=1)
     if not return_history:
         return tokens
