@@ -288,6 +288,7 @@ def train(
                                                  save_interval_steps=tc.save_every,
                                                  enable_async_checkpointing=True))
         start = manager.latest_step() or 0
+        _check_resume(run_dir, tc, start)
         if start:
             # Restore straight into sharded buffers; no fresh state is built first.
             abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -340,7 +341,9 @@ def train(
                     log.write(json.dumps(record) + "\n")
                     log.flush()
                 bar.update()
-                manager.save(step, args=_save_args(state, data), force=preempt.requested)
+                # The last step is always kept, so a finished run is complete and extendable.
+                manager.save(step, args=_save_args(state, data),
+                             force=preempt.requested or step == tc.steps)
                 if preempt.requested:
                     break
             manager.wait_until_finished()
@@ -350,6 +353,28 @@ def train(
         manager.close()
     return TrainResult(params=state["params"], step=step, eval_loss=eval_loss,
                        stopped_early=step < tc.steps)
+
+
+# Knobs that may change when a run is resumed: they do not change what is computed.
+_RESUMABLE_CHANGES = {"steps", "log_every", "eval_every", "eval_batches", "save_every", "keep"}
+
+
+def _check_resume(run_dir: Path, tc: TrainConfig, start: int) -> None:
+    """Refuse to continue a run under different settings; record them for the next resume."""
+    record = run_dir / "train_config.json"
+    if start and record.exists():
+        before = json.loads(record.read_text())
+        changed = sorted(k for k, v in tc.to_dict().items()
+                         if k not in _RESUMABLE_CHANGES and before.get(k) != v)
+        if changed:
+            raise JdlmError(f"{run_dir} holds a run with different {changed} "
+                            f"({ {k: before.get(k) for k in changed} }); resume with the same "
+                            "settings or choose a new --run-dir")
+    if start > tc.steps:
+        raise JdlmError(f"{run_dir} already holds step {start}, beyond steps={tc.steps}; "
+                        "raise --steps or choose a new --run-dir")
+    if jax.process_index() == 0:
+        record.write_text(json.dumps(tc.to_dict(), indent=2))
 
 
 def _save_args(state, data: BatchIterator):
@@ -373,13 +398,19 @@ def check_context(tc: TrainConfig, cfg: ModelConfig) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
-    """A named recipe: data source, tokenizer size, model shape and training knobs."""
+    """A named recipe: data source, tokenizer size, model shape and training knobs
+    (`per_objective` adjusts them for one objective, e.g. a shorter AR run)."""
 
     data: str
     vocab_size: int  # BPE vocabulary (text sources); ignored for synthetic data
     model: dict[str, int]
     train: dict[str, Any]
     heldout_fraction: float = 0.05
+    per_objective: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+    def train_config(self, **overrides) -> TrainConfig:
+        objective = overrides.get("objective", self.train.get("objective", "mdlm"))
+        return TrainConfig(**{**self.train, **self.per_objective.get(objective, {}), **overrides})
 
 
 PRESETS: dict[str, Preset] = {
@@ -389,7 +420,10 @@ PRESETS: dict[str, Preset] = {
         model=dict(hidden_size=128, intermediate_size=256, num_layers=3, num_heads=4,
                    num_kv_heads=4, max_position_embeddings=128),
         train=dict(seq_len=128, batch_size=16, steps=2500, learning_rate=3e-3, warmup_steps=100,
-                   log_every=20, eval_every=500, eval_batches=8, save_every=500)),
+                   log_every=20, eval_every=500, eval_batches=8, save_every=500),
+        # The AR baseline overfits 110k tokens after ~7 epochs (held-out 3.07 at step 500,
+        # 3.76 at 1500) while the diffusion bound still improves at 2500: stop AR early.
+        per_objective={"ar": dict(steps=500, eval_every=100, save_every=100)}),
     # The known-entropy bigram chain; the held-out loss bounds the exact entropy rate.
     "tiny-bigram": Preset(
         data="synthetic:vocab=8,order=2,support=4,seed=0,rows=60000", vocab_size=0,

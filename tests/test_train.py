@@ -212,6 +212,13 @@ def test_sigterm_leaves_a_complete_checkpoint(tmp_path):
                             cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert sorted(_losses(run_dir))[-1] == summary["step"] + 2
+    # A resume under different settings is refused instead of mixing two runs.
+    result = subprocess.run(_cli(tmp_path, "term", ["--learning-rate", "1e-4"]), cwd=ROOT,
+                            env=_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2 and "different ['learning_rate']" in result.stderr
+    result = subprocess.run(_cli(tmp_path, "term", ["--steps", "1"]), cwd=ROOT, env=_env(),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2 and "beyond steps=1" in result.stderr
 
 
 # ----------------------------------------------------------------------------------------------
