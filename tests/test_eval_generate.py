@@ -30,12 +30,16 @@ def _read(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def _expected(model, prompts: list[str], seed: int, batch: int, stops) -> list[str]:
+def _expected(model, prompts: list[str], seed: int, batch: int, stops, *,
+              chat: bool = False) -> list[str]:
+    """jdlm.generate on the prompts' ids in the same batches and seeds, decoded and cut."""
     config = jdlm.SamplerConfig(gen_length=16, steps=8, temperature=0.8)
     tok, eos = model.tokenizer, model.config.eos_token_id
     texts = []
     for start in range(0, len(prompts), batch):
-        ids = [tok(p)["input_ids"] for p in prompts[start:start + batch]]
+        # A chat-rendered prompt already holds its special tokens.
+        ids = [tok(p, add_special_tokens=not chat)["input_ids"]
+               for p in prompts[start:start + batch]]
         for row in jdlm.generate(model, ids, config, seed=[seed + start + i
                                                            for i in range(len(ids))]):
             out = [int(t) for t in row[-16:]]
@@ -167,3 +171,19 @@ def test_synthetic_language(tmp_path):
     legal = [r["legal"] for r in rows]
     assert legal == [bool(i) and bool(lang.is_legal(s[None])[0]) for s, i in zip(seqs, inside)]
     assert score["ser_all"] == pytest.approx(1 - np.mean(legal))
+
+
+def test_gsm8k_chat_prompts_go_through_the_template(tmp_path):
+    from jdlm.eval.gsm8k import ZERO_SHOT_INSTRUCTION
+
+    chat_model = jdlm.load(save_tiny_text_model(tmp_path / "chat", context=512, chat=True))
+    out = tmp_path / "o"
+    assert main(["eval", "generate", "--model", chat_model.path, "--task", "gsm8k", "--data",
+                 str(DATA), "--limit", "2", "--chat", "--seed", "5", "--out", str(out),
+                 *SAMPLER]) == 0
+    rows = _read(out / "generations.jsonl")
+    test = _read(DATA / "test.jsonl")[:2]
+    assert [r["prompt"] for r in rows] == [
+        f"<|bos|>user: {ZERO_SHOT_INSTRUCTION}\n\n{t['question']}\nassistant:" for t in test]
+    assert [r["output"] for r in rows] == _expected(chat_model, [r["prompt"] for r in rows], 5, 8,
+                                                    STOP_STRINGS, chat=True)

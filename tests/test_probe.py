@@ -11,7 +11,7 @@ from tiny_text_model import save_tiny_text_model
 
 import jdlm
 from jdlm.cli import main
-from jdlm.eval.probe import token_category
+from jdlm.eval.probe import DEFAULT_PROMPTS, token_category
 
 PROMPTS = ["The for statement", "A class definition is an executable statement that",
            "x"]
@@ -37,10 +37,9 @@ def probed(tmp_path_factory):
     return jdlm.load(model_dir), out, rows
 
 
-def _reference(model, prompt: str):
+def _reference(model, ids: list[int], num_masks: int = NUM_MASKS):
     """Top-3 ids, probabilities and entropy at the masks: batch 1, no padding, numpy softmax."""
-    ids = model.tokenizer(prompt)["input_ids"]
-    tokens = np.array([ids + [model.config.mask_token_id] * NUM_MASKS])
+    tokens = np.array([ids + [model.config.mask_token_id] * num_masks])
     logits = np.asarray(model.logits(tokens))[0, len(ids):].astype(np.float64)
     logp = logits - logits.max(-1, keepdims=True)
     logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
@@ -54,7 +53,7 @@ def test_table_matches_an_unpadded_forward_per_prompt(probed):
     for p, prompt in enumerate(PROMPTS):
         mine = [r for r in rows if int(r["prompt_index"]) == p]
         assert [int(r["distance"]) for r in mine] == list(range(1, NUM_MASKS + 1))
-        top, probs, entropy = _reference(model, prompt)
+        top, probs, entropy = _reference(model, model.tokenizer(prompt)["input_ids"])
         got_probs = np.array([[float(r[f"top{j}_prob"]) for j in (1, 2, 3)] for r in mine])
         np.testing.assert_allclose(got_probs, probs, rtol=1e-4)
         np.testing.assert_allclose([float(r["entropy"]) for r in mine], entropy, rtol=1e-4)
@@ -103,6 +102,28 @@ def test_too_many_masks_is_an_error_naming_the_room(probed, tmp_path, capsys):
                  "--out", str(tmp_path / "o")]) == 2
     assert "--num-masks between 1 and" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_chat_prompts_go_through_the_template(tmp_path):
+    model = jdlm.load(save_tiny_text_model(tmp_path / "chat", chat=True))
+    out = tmp_path / "out"
+    assert main(["probe", "--model", model.path, "--chat", "--num-masks", "8", "--corpus",
+                 "pydocs", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    tok = model.tokenizer
+    rendered = [f"<|bos|>user: {p}\nassistant:" for p in DEFAULT_PROMPTS]
+    ids = [tok(r, add_special_tokens=False)["input_ids"] for r in rendered]
+    assert summary["prompt_lengths"] == [len(i) for i in ids]
+    assert summary["corpus"] == "pydocs"
+    with (out / "positions.csv").open() as f:
+        first = [r for r in csv.DictReader(f) if r["prompt_index"] == "0"]
+    _, probs, _ = _reference(model, ids[0], 8)
+    np.testing.assert_allclose([float(r["top1_prob"]) for r in first], probs[:, 0], rtol=1e-4)
+
+
+def test_chat_without_a_template_is_an_error(probed, tmp_path, capsys):
+    assert main(["probe", "--model", probed[0].path, "--chat", "--out", str(tmp_path)]) == 2
+    assert "no chat template" in capsys.readouterr().err
 
 
 def test_token_categories():

@@ -86,28 +86,31 @@ def sample(model, prompt_ids: list[list[int]], config: SamplerConfig, *, seed: i
 # -- tasks: prompts -> rows for the scorer -> score --------------------------------------------
 
 
-def _encode(tokenizer, text: str, chat_messages: list[dict] | None) -> list[int]:
-    if chat_messages is None:
-        return tokenizer(text)["input_ids"]
+def _prompt(tokenizer, text: str, chat: bool, messages: list[dict] | None = None):
+    """(the text the model sees, its ids): `text` as is, or with `chat` the messages (default: one
+    user turn of `text`) through the tokenizer's chat template with the generation prompt."""
+    if not chat:
+        return text, tokenizer(text)["input_ids"]
     if not getattr(tokenizer, "chat_template", None):
         raise JdlmError("--chat: this tokenizer has no chat template; drop --chat")
-    rendered = tokenizer.apply_chat_template(chat_messages, tokenize=False,
-                                             add_generation_prompt=True)
-    return tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    rendered = tokenizer.apply_chat_template(messages or [{"role": "user", "content": text}],
+                                             tokenize=False, add_generation_prompt=True)
+    return rendered, tokenizer(rendered, add_special_tokens=False)["input_ids"]
 
 
 def _gsm8k(model, config, opts, out: Path):
+    """Few-shot chain of thought, or with --chat the 0-shot instruction as one user turn."""
     from jdlm.eval import gsm8k
 
     problems = gsm8k.load_split(opts["split"], opts["data"])[:opts["limit"]]
-    prompts = [gsm8k.cot_prompt(p["question"], opts["shots"]) for p in problems]
-    ids = [_encode(model.tokenizer, text, gsm8k.chat_messages(p["question"]) if opts["chat"]
-                   else None) for text, p in zip(prompts, problems)]
-    sampled = sample(model, ids, config, seed=opts["seed"], batch_size=opts["batch_size"])
+    prompts = [_prompt(model.tokenizer, gsm8k.cot_prompt(p["question"], opts["shots"]),
+                       opts["chat"], gsm8k.chat_messages(p["question"])) for p in problems]
+    sampled = sample(model, [ids for _, ids in prompts], config, seed=opts["seed"],
+                     batch_size=opts["batch_size"])
     texts = decode_generated(model, sampled.tokens)
     rows = [{"question": p["question"], "answer": p["answer"], "prompt": text,
              "output": cut_at_stop_strings(output, gsm8k.STOP_STRINGS)}
-            for p, text, output in zip(problems, prompts, texts)]
+            for p, (text, _), output in zip(problems, prompts, texts)]
     write_jsonl_atomic(out / "generations.jsonl", rows)
     return gsm8k.score(rows, log_path=out / "results.jsonl"), sampled
 
@@ -120,9 +123,7 @@ def _humaneval(model, config, opts, out: Path):
     chosen = list(problems)[:opts["limit"]]
     n = opts["samples_per_problem"]
     task_ids = [t for t in chosen for _ in range(n)]
-    ids = [_encode(model.tokenizer, problems[t]["prompt"],
-                   [{"role": "user", "content": problems[t]["prompt"]}] if opts["chat"] else None)
-           for t in task_ids]
+    ids = [_prompt(model.tokenizer, problems[t]["prompt"], opts["chat"])[1] for t in task_ids]
     sampled = sample(model, ids, config, seed=opts["seed"], batch_size=opts["batch_size"])
     texts = decode_generated(model, sampled.tokens)
     rows = [{"task_id": t, "completion": cut_at_stop_strings(text, HUMANEVAL_STOPS)}
@@ -144,9 +145,7 @@ def _mauve(model, config, opts, out: Path):
     bad = [i for i, r in enumerate(items, 1) if "prompt" not in r or "reference" not in r]
     if bad:
         raise JdlmError(f"{opts['data']}: lines {bad[:5]} lack \"prompt\" or \"reference\"")
-    ids = [_encode(model.tokenizer, r["prompt"],
-                   [{"role": "user", "content": r["prompt"]}] if opts["chat"] else None)
-           for r in items]
+    ids = [_prompt(model.tokenizer, r["prompt"], opts["chat"])[1] for r in items]
     sampled = sample(model, ids, config, seed=opts["seed"], batch_size=opts["batch_size"])
     texts = decode_generated(model, sampled.tokens)
     rows = [{"prompt": r["prompt"], "reference": r["reference"], "text": text}

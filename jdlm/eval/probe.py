@@ -64,6 +64,7 @@ class ProbeResult:
     token's category and corpus-frequency rank (1 = most frequent; None without a corpus)."""
 
     prompts: list[str]
+    prompt_lengths: list[int]  # tokens, after the chat template if any
     top_ids: np.ndarray  # (P, N, k) int
     top_probs: np.ndarray  # (P, N, k) float
     entropy: np.ndarray  # (P, N) float
@@ -191,7 +192,7 @@ def probe_positions(model, prompts: list[str], prompt_ids: list[list[int]], *,
     text = [[[vocab_text[int(t)] for t in pos] for pos in row] for row in ids]
     category = np.array([[token_category(vocab_text[int(t)], int(t), special) for t in row]
                          for row in ids[..., 0]])
-    return ProbeResult(prompts, ids, probs, entropy, text, category,
+    return ProbeResult(prompts, [len(p) for p in prompt_ids], ids, probs, entropy, text, category,
                        None if ranks is None else ranks[ids[..., 0]])
 
 
@@ -219,7 +220,8 @@ def summarize(result: ProbeResult, agg: dict, window: int = 8) -> dict:
     keys = ["mean_entropy", "mean_top1_prob", "share_generic", "distinct_top1"]
     keys += ["median_top1_rank"] if result.rank is not None else []
     top1 = Counter(t[0] for row in result.top_text for t in row[-w:])
-    return {"num_prompts": len(result.prompts), "num_masks": result.num_masks, "window": w,
+    return {"num_prompts": len(result.prompts), "prompt_lengths": result.prompt_lengths,
+            "num_masks": result.num_masks, "window": w,
             "near": {k: float(np.mean(agg[k][:w])) for k in keys},
             "far": {k: float(np.mean(agg[k][-w:])) for k in keys},
             "most_common_far_top1": [[t, c] for t, c in top1.most_common(5)]}
