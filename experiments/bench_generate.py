@@ -92,8 +92,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--vocab", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--torch-threads", type=int, default=None,
+                    help="torch intra-op threads (default: torch's choice); on a CPU shared with "
+                         "other jobs, 1 avoids torch's thread contention")
     ap.add_argument("--out-dir", default="results")
     args = ap.parse_args(argv)
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
 
     with tempfile.TemporaryDirectory() as tmp:
         torch_model = make_dream(Path(tmp) / "dream", hidden=args.hidden, heads=4, kv_heads=2,

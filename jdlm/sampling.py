@@ -235,7 +235,11 @@ class _Static:
 
 
 def _ban(logits, ids):
-    return logits.at[..., jnp.asarray(ids, jnp.int32)].set(-jnp.inf) if ids else logits
+    """-inf at the given token ids (an elementwise select: it fuses, a scatter would not)."""
+    if not ids:
+        return logits
+    vocab = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+    return jnp.where(jnp.isin(vocab, jnp.asarray(ids, jnp.int32)), -jnp.inf, logits)
 
 
 def _token_noise(keys, shape, dtype):
@@ -326,8 +330,9 @@ def _program(state, joint_params, prompt, prompt_mask, gen, seeds, salts, *, sta
         # LLaDA scores positions with the untempered softmax; Dream with the sampling one.
         llada_scores = config.faithful and config.schedule == "llada"
         score_logits = _ban(logits if llada_scores else sample_logits, zero_confidence)
-        confidence = um.position_scores("confidence", score_logits, tokens, uniform)
         scores = um.position_scores(config.order, score_logits, tokens, uniform)
+        confidence = (um.position_scores("confidence", score_logits, tokens, uniform)
+                      if config.schedule == "threshold" else None)
         if config.order_temperature > 0 and config.order != "random":
             # Gumbel-top-k = sampling k positions from softmax(score/T) without replacement.
             scores = scores / config.order_temperature + jax.vmap(

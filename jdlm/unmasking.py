@@ -51,14 +51,25 @@ def sampling_logits(logits: Float[Array, "... v"], temperature: float, top_p, to
     return filter_logits(logits, top_p, top_k)
 
 
+def first_argmax(x: Float[Array, "... v"]) -> Int[Array, "..."]:
+    """jnp.argmax over the last axis (first index of the maximum), as max + min.
+
+    XLA:CPU lowers argmax to a slow variadic reduction (40x a max over the same data); two plain
+    reductions give the same index.
+    """
+    top = jnp.max(x, axis=-1, keepdims=True)
+    index = jnp.arange(x.shape[-1], dtype=jnp.int32)
+    return jnp.min(jnp.where(x == top, index, x.shape[-1] - 1), axis=-1)
+
+
 def draw_tokens(logits: Float[Array, "b g v"], gumbel: Float[Array, "b g v"] | None):
     """Gumbel-max: argmax(logits + G) is an exact draw from softmax(logits); greedy if no noise.
 
     `logits` are already tempered (`sampling_logits`); noise may be float64 (LLaDA's choice).
     """
     if gumbel is None:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return jnp.argmax(logits.astype(gumbel.dtype) + gumbel, axis=-1).astype(jnp.int32)
+        return first_argmax(logits)
+    return first_argmax(logits.astype(gumbel.dtype) + gumbel)
 
 
 # -- position rules ----------------------------------------------------------------------------
