@@ -160,3 +160,10 @@ def test_is_greedy_when_the_answer_is_the_greedy_decoding(run):
 def test_unknown_model_args_are_named(run):
     with pytest.raises(jdlm.JdlmError, match="stepz"):
         JdlmLM(path=run[0].path, stepz=4)
+
+
+def test_chat_template_for_apply_chat_template(tmp_path):
+    lm = JdlmLM(path=str(save_tiny_text_model(tmp_path / "chat", chat=True)), gen_length=4)
+    turns = [{"role": "user", "content": "Name a loop."}]
+    assert lm.apply_chat_template(turns) == "<|bos|>user: Name a loop.\nassistant:"
+    assert lm.chat_template(True) == lm.tokenizer.chat_template
