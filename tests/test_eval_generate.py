@@ -187,3 +187,12 @@ def test_gsm8k_chat_prompts_go_through_the_template(tmp_path):
         f"<|bos|>user: {ZERO_SHOT_INSTRUCTION}\n\n{t['question']}\nassistant:" for t in test]
     assert [r["output"] for r in rows] == _expected(chat_model, [r["prompt"] for r in rows], 5, 8,
                                                     STOP_STRINGS, chat=True)
+
+
+def test_mauve_with_too_few_prompts_fails_before_sampling(model, tmp_path, capsys):
+    data = tmp_path / "few.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "reference": "b"}) + "\n")
+    assert main(["eval", "generate", "--model", model.path, "--task", "mauve", "--data",
+                 str(data), "--out", str(tmp_path / "m"), *SAMPLER]) == 2
+    assert "at least 100" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()

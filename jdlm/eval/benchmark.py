@@ -136,7 +136,7 @@ def _humaneval(model, config, opts, out: Path):
 
 
 def _mauve(model, config, opts, out: Path):
-    from jdlm.eval.mauve import compute_mauve
+    from jdlm.eval.mauve import MIN_SAMPLES, compute_mauve
 
     if opts["data"] is None:
         raise JdlmError('--task mauve needs --data: a JSONL of {"prompt", "reference"} lines '
@@ -145,6 +145,9 @@ def _mauve(model, config, opts, out: Path):
     bad = [i for i, r in enumerate(items, 1) if "prompt" not in r or "reference" not in r]
     if bad:
         raise JdlmError(f"{opts['data']}: lines {bad[:5]} lack \"prompt\" or \"reference\"")
+    if len(items) < MIN_SAMPLES:  # refuse before sampling, not after
+        raise JdlmError(f"MAUVE needs at least {MIN_SAMPLES} prompts; {opts['data']} gives "
+                        f"{len(items)} (after --limit)")
     ids = [_prompt(model.tokenizer, r["prompt"], opts["chat"])[1] for r in items]
     sampled = sample(model, ids, config, seed=opts["seed"], batch_size=opts["batch_size"])
     texts = decode_generated(model, sampled.tokens)
