@@ -220,8 +220,12 @@ def _read_prompts(args, tokenizer) -> list[dict]:
     return records
 
 
-def _show_steps(tokens, history, mask_id: int, tokenizer, delay: float) -> None:
-    """Redraw each row's canvas after every pass: masked positions as ░, new ones highlighted."""
+def _show_steps(tokens, history, prompt_lengths, gen_length: int, mask_id: int, tokenizer,
+                delay: float) -> None:
+    """Redraw each row's canvas after every pass: masked positions as ░, new ones highlighted.
+
+    Rows start at their own prompt (left padding is not drawn); newlines show as ⏎.
+    """
     import time
 
     import numpy as np
@@ -229,15 +233,18 @@ def _show_steps(tokens, history, mask_id: int, tokenizer, delay: float) -> None:
     from jdlm.sampling import canvas_at
 
     tty = sys.stderr.isatty()
-    piece = (lambda t: tokenizer.decode([int(t)])) if tokenizer is not None else str
+    piece = ((lambda t: tokenizer.decode([int(t)]).replace("\n", "⏎")) if tokenizer is not None
+             else str)
+    width = tokens.shape[1]
     for step in range(int(np.max(history)) + 2):
         canvas = canvas_at(tokens, history, step, mask_id)
         lines = [f"pass {step}"]
-        for row, hist in zip(canvas, history):
-            cells = []
-            for t, h in zip(row, hist):
-                text = "░" if t == mask_id else piece(t)
-                cells.append(f"\x1b[1;32m{text}\x1b[0m" if tty and h == step - 1 else text)
+        for row, hist, length in zip(canvas, history, prompt_lengths):
+            start = width - gen_length - length
+            cells = ["░" if t == mask_id else piece(t) for t in row[start:]]
+            if tty:  # highlight what the last pass revealed
+                cells = [f"\x1b[1;32m{c}\x1b[0m" if h == step - 1 else c
+                         for c, h in zip(cells, hist[start:])]
             lines.append(("" if tokenizer is not None else " ").join(cells))
         print(("\x1b[H\x1b[J" if tty else "") + "\n".join(lines), file=sys.stderr, flush=True)
         time.sleep(delay if tty else 0.0)
@@ -273,7 +280,8 @@ def cmd_generate(args) -> None:
                                        seed=[args.seed + start + i for i in range(len(batch))],
                                        return_history=True)
             if args.show_steps:
-                _show_steps(tokens, history, model.config.mask_token_id, tok, args.delay)
+                _show_steps(tokens, history, [len(r["prompt_ids"]) for r in batch],
+                            config.gen_length, model.config.mask_token_id, tok, args.delay)
             for rec, row in zip(batch, tokens):
                 generated = [int(t) for t in row[-config.gen_length:]]
                 text_ids = generated[:generated.index(eos)] if eos in generated else generated
