@@ -96,8 +96,8 @@ def _leaves(tree):
 def _tiny_cfg():
     from jdlm.config import ModelConfig
 
-    return ModelConfig(family="llada", vocab_size=16, hidden_size=32, intermediate_size=64,
-                       num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, rope_theta=1e4,
+    return ModelConfig(family="llada", vocab_size=16, hidden_size=16, intermediate_size=32,
+                       num_layers=1, num_heads=4, num_kv_heads=2, head_dim=4, rope_theta=1e4,
                        norm_eps=1e-5, qkv_bias=False, tie_embeddings=False, logit_shift=0,
                        mask_token_id=15, max_position_embeddings=16)
 
