@@ -499,8 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "distance (table, JSON, heatmap and plots)")
     p.add_argument("--model", required=True, help="HF directory or converted checkpoint")
     p.add_argument("--prompts", default=None,
-                   help='.jsonl with "prompt" (or "text"), or one prompt a line (default: a '
-                        "small built-in set)")
+                   help='.jsonl with "prompt", "text" or LIMA "conversations", or one prompt a '
+                        "line (default: a small built-in set)")
     p.add_argument("--num-masks", type=int, default=None,
                    help="masks appended (default 128, or what the context leaves)")
     p.add_argument("--corpus", default=None,

@@ -133,3 +133,16 @@ def test_token_categories():
     assert token_category(" ,", 7, special) == "punctuation"
     assert token_category(" The", 7, special) == "function_word"
     assert token_category(" statement", 7, special) == "other"
+
+
+def test_read_prompts_formats(tmp_path):
+    from jdlm.eval.probe import read_prompts
+
+    rows = [{"prompt": "a"}, {"text": "b"}, {"conversations": ["c", "answer"], "source": "x"}]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert read_prompts(tmp_path / "p.jsonl") == ["a", "b", "c"]
+    (tmp_path / "p.txt").write_text("one\n\ntwo\n")
+    assert read_prompts(tmp_path / "p.txt") == ["one", "two"]
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"question": "q"}) + "\n")
+    with pytest.raises(jdlm.JdlmError, match="lines \\[1\\]"):
+        read_prompts(tmp_path / "bad.jsonl")

@@ -81,18 +81,26 @@ class ProbeResult:
 
 
 def read_prompts(path: str | Path) -> list[str]:
-    """A .jsonl file with a "prompt" (or "text") field per line, or one prompt per line."""
+    """A .jsonl file with a "prompt" or "text" field per line, or LIMA's "conversations" (its
+    first turn is the prompt); any other file holds one prompt per line."""
     path = Path(path)
     if path.suffix == ".jsonl":
-        rows = read_jsonl(path)
-        bad = [i for i, r in enumerate(rows, 1) if not isinstance(r.get("prompt", r.get("text")),
-                                                                  str)]
+        prompts = [_prompt_field(r) for r in read_jsonl(path)]
+        bad = [i for i, p in enumerate(prompts, 1) if not isinstance(p, str)]
         if bad:
-            raise JdlmError(f"{path}: lines {bad[:5]} have no \"prompt\" (or \"text\") string")
-        return [r.get("prompt", r.get("text")) for r in rows]
+            raise JdlmError(f"{path}: lines {bad[:5]} have no \"prompt\", \"text\" or "
+                            "\"conversations\" string")
+        return prompts
     if not path.is_file():
         raise JdlmError(f"--prompts {path} does not exist (a .jsonl file or one prompt a line)")
     return [line for line in path.read_text().splitlines() if line.strip()]
+
+
+def _prompt_field(row: dict):
+    if "prompt" in row or "text" in row:
+        return row.get("prompt", row.get("text"))
+    turns = row.get("conversations")
+    return turns[0] if isinstance(turns, list) and turns else None
 
 
 def encode_prompts(tokenizer, prompts: list[str], chat: bool) -> list[list[int]]:
