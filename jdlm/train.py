@@ -550,7 +550,7 @@ def run(tc: TrainConfig, *, data: str, run_dir: str | Path, out_dir: str | Path 
     run_dir.mkdir(parents=True, exist_ok=True)
     params, tokenizer = None, None
     if init:
-        base = load(init, mesh=mesh, dtype="float32")
+        base = load(Path(init).absolute(), mesh=mesh, dtype="float32")
         shipped = Path(init) / "tokenizer.json"
         tokenizer = str(shipped) if shipped.exists() else None
         if tokenizer is None and not data.startswith("synthetic:"):

@@ -95,6 +95,18 @@ def test_tokenizer_roundtrip_and_transformers(tmp_path):
         data.train_tokenizer(texts, 100, tmp_path)
 
 
+def test_tokenizer_command(tmp_path):
+    import transformers
+
+    from jdlm.cli import main
+
+    (tmp_path / "corpus.txt").write_text("\n".join(data.pydocs_texts()[:5]) + CODE)
+    assert main(["tokenizer", "train", "--data", str(tmp_path / "corpus.txt"), "--vocab-size",
+                 "300", "--out", str(tmp_path / "tok")]) == 0
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "tok")
+    assert len(tok) == 300 and tok.decode(tok(CODE, add_special_tokens=False)["input_ids"]) == CODE
+
+
 def test_pack_rows():
     docs = [[1, 2, 3], [4, 5], [6]]
     rows = data.pack(docs, 4, bos=8, eos=9)

@@ -102,6 +102,18 @@ def test_mask_rate_matches_schedule(stratified):
         np.testing.assert_allclose(gaps, (1 - eps) / b, atol=1e-5)
 
 
+def test_random_crop_keeps_a_prefix():
+    lengths = []
+    for seed in range(200):
+        valid = np.asarray(diffusion.random_crop(jax.random.key(seed), 3, 10, 0.5))
+        keep = valid[0].sum()
+        assert (valid == (np.arange(10) < keep)).all()  # the same prefix for the whole batch
+        lengths.append(keep)
+    lengths = np.array(lengths)
+    assert lengths.min() >= 1 and 0.35 < (lengths < 10).mean() < 0.6  # about half cropped
+    assert np.asarray(diffusion.random_crop(jax.random.key(0), 2, 10, 0.0)).all()
+
+
 def test_sft_never_masks_prompt():
     b, l = 64, 32
     tokens = jax.random.randint(jax.random.key(0), (b, l), 0, MASK)
