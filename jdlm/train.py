@@ -355,7 +355,8 @@ def train(
                        stopped_early=step < tc.steps)
 
 
-# Knobs that may change when a run is resumed: they do not change what is computed.
+# Knobs that may change when a run is resumed. They leave the per-step computation alone;
+# a new `steps` does stretch or shrink the rest of a cosine schedule.
 _RESUMABLE_CHANGES = {"steps", "log_every", "eval_every", "eval_batches", "save_every", "keep"}
 
 
@@ -576,9 +577,14 @@ def run(tc: TrainConfig, *, data: str, run_dir: str | Path, out_dir: str | Path 
                "heldout_loss": result.eval_loss, "stopped_early": result.stopped_early,
                "wall_s": time.perf_counter() - started, "train_config": tc.to_dict(),
                **prepared.info}
+    params = result.params
+    if jax.process_count() > 1:  # each host holds only its shards: gather them for the export
+        from jax.experimental import multihost_utils
+
+        params = multihost_utils.process_allgather(params, tiled=True)
     if out_dir is not None and not result.stopped_early and jax.process_index() == 0:
         out_dir = Path(out_dir).absolute()  # Orbax writes only to absolute paths
-        save(model_from_params(cfg, result.params), out_dir, overwrite=True,
+        save(model_from_params(cfg, params), out_dir, overwrite=True,
              extra_files=prepared.files,
              extra_metadata={"objective": tc.objective, "causal": tc.objective == "ar",
                              "train": {k: v for k, v in summary.items() if k != "train_config"}})
