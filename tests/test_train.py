@@ -304,6 +304,19 @@ def test_empty_corpus_is_refused(tmp_path, capsys):
     assert "holds no text" in capsys.readouterr().err
 
 
+def test_learning_rate_schedules():
+    from jdlm.train import learning_rate_schedule
+
+    cosine = learning_rate_schedule(TrainConfig(steps=100, warmup_steps=10, learning_rate=1e-3))
+    assert float(cosine(0)) == 0.0 and float(cosine(5)) == pytest.approx(5e-4)
+    assert float(cosine(10)) == pytest.approx(1e-3)
+    assert float(cosine(55)) == pytest.approx(1e-4 + 0.5 * 9e-4, rel=1e-4)  # half-way down
+    assert float(cosine(100)) == pytest.approx(1e-4)  # min_lr_ratio 0.1
+    constant = learning_rate_schedule(TrainConfig(steps=100, warmup_steps=10, schedule="constant",
+                                                  learning_rate=1e-3))
+    assert float(constant(5)) == pytest.approx(5e-4) and float(constant(99)) == pytest.approx(1e-3)
+
+
 def test_train_config_validation():
     with pytest.raises(JdlmError, match="grad_accum"):
         TrainConfig(batch_size=10, grad_accum=3)
