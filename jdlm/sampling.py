@@ -174,6 +174,8 @@ def _check_runtime(config: SamplerConfig, cfg: ModelConfig, longest: int) -> Non
         raise JdlmError("gumbel_dtype='float64' needs 64-bit JAX: set JAX_ENABLE_X64=1 (or "
                         "jax.config.update('jax_enable_x64', True)) before importing jdlm, or "
                         "use gumbel_dtype='float32'")
+    if config.top_k is not None and config.top_k > cfg.vocab_size:
+        raise JdlmError(f"top_k={config.top_k} is larger than the vocabulary ({cfg.vocab_size})")
     ids = {"eos_token_id": config.logits_eos_inf or config.confidence_eos_eot_inf,
            "eot_token_id": config.confidence_eos_eot_inf}
     for name, needed in ids.items():

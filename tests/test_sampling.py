@@ -215,6 +215,38 @@ def test_one_pass_gives_the_product_of_marginals(enum_model, state_probs):
     assert tv < tv_bound(exact, ENUM_SAMPLES)
 
 
+def dream_filtered_probs(logits, temperature, top_p, top_k):
+    """Dream's `sample_tokens` distribution in NumPy: logits / T, top_p_logits, top_k_logits."""
+    logits = logits / temperature
+    floor = np.finfo(np.float64).min
+    order = np.argsort(-logits, axis=-1, kind="stable")
+    cum = np.cumsum(softmax(np.take_along_axis(logits, order, -1)), -1)
+    remove = cum > top_p
+    remove[..., 1:] = remove[..., :-1].copy()
+    remove[..., 0] = False
+    mask = np.zeros_like(remove)
+    np.put_along_axis(mask, order, remove, -1)
+    logits = np.where(mask, floor, logits)
+    kth = -np.sort(-logits, axis=-1)[..., top_k - 1:top_k]
+    return softmax(np.where(logits < kth, floor, logits))
+
+
+def test_temperature_top_p_top_k_draw_from_the_filtered_distribution(enum_model, state_logits):
+    """One pass, all positions: the product of Dream's tempered, filtered marginals."""
+    temperature, top_p, top_k = 0.7, 0.8, 3
+    probs = dream_filtered_probs(state_logits[(None,) * ENUM_GEN], temperature, top_p, top_k)
+    assert ((probs > 1e-12).sum(-1) < 4).all() and ((probs > 1e-12).sum(-1) > 1).any()
+    exact = {x: math.prod(probs[j][v] for j, v in enumerate(x))
+             for x in itertools.product(range(MASK), repeat=ENUM_GEN)}
+    tempered = softmax(state_logits[(None,) * ENUM_GEN] / temperature)
+    unfiltered = {x: math.prod(tempered[j][v] for j, v in enumerate(x)) for x in exact}
+    bound = tv_bound(exact, ENUM_SAMPLES)
+    assert total_variation(exact, unfiltered) > 2 * bound  # the filters matter here
+    config = SamplerConfig(gen_length=ENUM_GEN, steps=1, schedule="llada",
+                           temperature=temperature, top_p=top_p, top_k=top_k)
+    assert total_variation(empirical(enum_model, config), exact) < bound
+
+
 # ------------------------------------------------------------------------------------------------
 # 2. Published semantics at temperature 0: NumPy transcriptions of the reference loops
 # ------------------------------------------------------------------------------------------------
