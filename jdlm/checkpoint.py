@@ -346,7 +346,7 @@ def load(path: str | Path, *, dtype=None, mesh=None, attn_impl: str | None = Non
     `dtype` defaults to the checkpoint's own dtype; `mesh` (a `jax.sharding.Mesh` or a
     "data=..,fsdp=..,tensor=.." string) decides placement, by default every device on `fsdp`.
     """
-    path = Path(path)
+    path = Path(path).absolute()  # Orbax wants absolute paths
     if not path.exists():
         raise JdlmError(f"{path} does not exist; pass an HF model directory or a converted checkpoint")
     mesh = mesh if isinstance(mesh, jax.sharding.Mesh) else make_mesh(mesh)
@@ -434,7 +434,7 @@ def _metadata(cfg: ModelConfig, dtype, source: str, extra: dict | None = None) -
 @contextlib.contextmanager
 def atomic_directory(out: str | Path, *, overwrite: bool = False):
     """Yield a temporary sibling directory that becomes `out` only if the block succeeds."""
-    out = Path(out)
+    out = Path(out).absolute()
     if out.exists() and not overwrite:
         raise JdlmError(f"output directory {out} already exists; choose a new path or remove it")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -572,7 +572,7 @@ def _load_converted(path: Path, dtype, mesh, attn_impl) -> Model:
 def export_hf(model_or_path, out_dir: str | Path, *, max_shard_bytes: int = 5 * 2**30) -> Path:
     """Write an HF directory with the family's original key names (and its config/tokenizer)."""
     if isinstance(model_or_path, (str, Path)):
-        src = Path(model_or_path)
+        src = Path(model_or_path).absolute()
         meta = read_metadata(src)
         cfg = ModelConfig.from_dict(meta["config"])
         stored = jnp.dtype(meta["dtype"])

@@ -246,3 +246,13 @@ assert np.abs(got - want).max() <= 1e-4
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "maxdiff" in result.stdout
+
+
+def test_relative_paths(tmp_path, monkeypatch):
+    """Orbax needs absolute paths; the user-facing calls accept relative ones."""
+    monkeypatch.chdir(tmp_path)
+    make_llada(Path("hf"))
+    assert cli(["convert", "hf", "conv"]) == 0
+    assert jdlm.load("conv").config.family == "llada"
+    assert cli(["export", "conv", "back"]) == 0
+    assert (tmp_path / "back" / "model.safetensors").is_file()
