@@ -234,6 +234,7 @@ class _Static:
     graphdef: Any
     attn_impl: str | None
     joint_sampler: Callable | None
+    even_rows: bool  # no infill: all rows start every block with the same number of masks
 
 
 def _ban(logits, ids):
@@ -242,10 +243,6 @@ def _ban(logits, ids):
         return logits
     vocab = jnp.arange(logits.shape[-1], dtype=jnp.int32)
     return jnp.where(jnp.isin(vocab, jnp.asarray(ids, jnp.int32)), -jnp.inf, logits)
-
-
-def _token_noise(keys, shape, dtype):
-    return jax.vmap(lambda k: jax.random.gumbel(k, shape, dtype))(keys)
 
 
 def _take_block(x: Array, start: Int[Array, " b"], size: int) -> Array:
@@ -269,6 +266,43 @@ def _block_start(config: SamplerConfig, i, masked) -> Int[Array, " b"]:
     else:
         block = jnp.broadcast_to(i // config.steps_per_block, masked.shape[:1])
     return block * config.block_length
+
+
+def reveal_bound(config: SamplerConfig, even_rows: bool) -> int | None:
+    """The most tokens any row reveals in one pass, when it is known before compiling and the
+    position scores do not depend on the drawn tokens (random, margin, entropy orders with a
+    count schedule); None otherwise.
+
+    `generate` then draws tokens only at that many top-ranked positions instead of at every
+    position of the block (Dream's loop draws them all and keeps the few it reveals). The draws
+    are keyed by position, so the tokens are the same either way. `even_rows`: every row starts
+    each block with the same number of masks (no infill), which Dream's batch-average count
+    needs for a bound.
+    """
+    if config.order == "confidence" or config.adaptive:
+        return None
+    if config.faithful and config.schedule == "dream" and (
+            config.order == "random" or not even_rows):
+        return None  # Dream's `origin` (a coin per position) or its count from uneven rows
+    size, passes = config.block_length, config.steps_per_block
+    if config.schedule == "llada":
+        bound = -(-size // passes)
+    else:  # replay the dream counts from every possible number of masks
+        fractions, bound = um.dream_reveal_fractions(passes, config.eps), 0
+        for masks in range(size + 1):
+            for j in range(passes):
+                k = masks if j == passes - 1 else int(np.floor(np.float32(masks) * fractions[j]))
+                k = min(k if config.faithful else max(k, 1), masks)
+                bound, masks = max(bound, k), masks - k
+    return bound if bound < size else None
+
+
+def _position_noise(token_keys, positions: Int[Array, "b n"], vocab: int, dtype):
+    """Gumbel noise (B, n, V), keyed by (row key, position): the same draw at a position
+    whichever subset of positions is drawn."""
+    return jax.vmap(lambda key, row: jax.vmap(
+        lambda p: jax.random.gumbel(jax.random.fold_in(key, p), (vocab,), dtype))(row))(
+            token_keys, positions)
 
 
 @functools.partial(jax.jit, static_argnames=("static",))
@@ -315,6 +349,33 @@ def _program(state, joint_params, prompt, prompt_mask, gen, seeds, salts, *, sta
         _, hidden = model(canvas, attention, attn_impl=static.attn_impl, return_hidden=True)
         return _ban(block_logits(hidden, start), banned), hidden
 
+    bound = None if static.joint_sampler is not None else reveal_bound(config, static.even_rows)
+    all_positions = jnp.broadcast_to(jnp.arange(size, dtype=jnp.int32), (prompt.shape[0], size))
+
+    def draw_all(sample_logits, token_keys):
+        """A token at every block position: (tokens (B, K), noise (B, K, V) or None)."""
+        if config.temperature == 0:
+            return um.draw_tokens(sample_logits, None), None
+        gumbel = _position_noise(token_keys, all_positions, cfg.vocab_size, noise_dtype)
+        return um.draw_tokens(sample_logits, gumbel), gumbel
+
+    def draw_ranked(sample_logits, rank, token_keys):
+        """Tokens only at the `bound` best-ranked positions (others 0): (B, K)."""
+        slots = jnp.argsort(rank, axis=1)[:, :bound]
+        logits = jnp.take_along_axis(sample_logits, slots[..., None], axis=1)
+        gumbel = (None if config.temperature == 0 else
+                  _position_noise(token_keys, slots, cfg.vocab_size, noise_dtype))
+        drawn = um.draw_tokens(logits, gumbel)
+        return jnp.put_along_axis(jnp.zeros(rank.shape, jnp.int32), slots, drawn, axis=1,
+                                  inplace=False)
+
+    def order_noise(scores, position_keys):
+        if config.order_temperature > 0 and config.order != "random":
+            # Gumbel-top-k = sampling k positions from softmax(score/T) without replacement.
+            scores = scores / config.order_temperature + jax.vmap(
+                lambda k: jax.random.gumbel(jax.random.fold_in(k, 1), (size,)))(position_keys)
+        return scores
+
     def step(carry):
         i, gen, revealed_at = carry
         start = _block_start(config, i, gen == mask_id)
@@ -325,26 +386,28 @@ def _program(state, joint_params, prompt, prompt_mask, gen, seeds, salts, *, sta
         position_keys = jax.vmap(jax.random.fold_in, (0, None))(step_keys, 1)
 
         sample_logits = um.sampling_logits(logits, config.temperature, config.top_p, config.top_k)
-        gumbel = (_token_noise(token_keys, (size, cfg.vocab_size), noise_dtype)
-                  if config.temperature > 0 else None)
-        tokens = um.draw_tokens(sample_logits, gumbel)
         uniform = jax.vmap(lambda k: jax.random.uniform(k, (size,)))(position_keys)
         # LLaDA scores positions with the untempered softmax; Dream with the sampling one.
         llada_scores = config.faithful and config.schedule == "llada"
         score_logits = _ban(logits if llada_scores else sample_logits, zero_confidence)
-        scores = um.position_scores(config.order, score_logits, tokens, uniform)
-        confidence = (um.position_scores("confidence", score_logits, tokens, uniform)
-                      if config.schedule == "threshold" else None)
-        if config.order_temperature > 0 and config.order != "random":
-            # Gumbel-top-k = sampling k positions from softmax(score/T) without replacement.
-            scores = scores / config.order_temperature + jax.vmap(
-                lambda k: jax.random.gumbel(jax.random.fold_in(k, 1), (size,)))(position_keys)
-
-        chosen, rank = _choose_positions(config, i, block == mask_id, scores, confidence,
-                                         uniform, sample_logits, fractions)
-        if static.joint_sampler is not None:
-            tokens = _joint_tokens(static, joint_params, prompt, gen, hidden, logits, chosen,
-                                   rank, gumbel, start, banned)
+        if bound is not None:  # scores do not need the tokens: draw only the revealed ones
+            scores = um.position_scores(config.order, score_logits, None, uniform)
+            chosen, rank = _choose_positions(config, i, block == mask_id,
+                                             order_noise(scores, position_keys), None, uniform,
+                                             sample_logits, fractions)
+            fits = jnp.max(jnp.sum(chosen, axis=1)) <= bound
+            tokens = draw_ranked(sample_logits, rank, token_keys)
+        else:
+            tokens, gumbel = draw_all(sample_logits, token_keys)
+            scores = um.position_scores(config.order, score_logits, tokens, uniform)
+            confidence = (um.position_scores("confidence", score_logits, tokens, uniform)
+                          if config.schedule == "threshold" else None)
+            chosen, rank = _choose_positions(config, i, block == mask_id,
+                                             order_noise(scores, position_keys), confidence,
+                                             uniform, sample_logits, fractions)
+            if static.joint_sampler is not None:
+                tokens = _joint_tokens(static, joint_params, prompt, gen, hidden, logits, chosen,
+                                       rank, gumbel, start, banned)
         gen = _put_block(gen, jnp.where(chosen, tokens, block), start)
         revealed_at = _put_block(
             revealed_at, jnp.where(chosen, i, _take_block(revealed_at, start, size)), start)
@@ -448,7 +511,8 @@ def generate(
     prompts = [list(p) for p in prompts]
     prompt, prompt_mask, gen, longest = _canvas(prompts, config, cfg, infill)
     seeds, salts = _row_seeds(seed, len(prompts))
-    static = _Static(config, cfg, model.graphdef, model.attn_impl, joint_sampler)
+    static = _Static(config, cfg, model.graphdef, model.attn_impl, joint_sampler,
+                     even_rows=not any(infill or ()))
     rows = (prompt, prompt_mask, gen, seeds, salts)
     if model.mesh is None:
         out, revealed_at, _ = _program(model.state, joint_params, *rows, static=static)

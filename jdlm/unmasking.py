@@ -75,12 +75,12 @@ def draw_tokens(logits: Float[Array, "b g v"], gumbel: Float[Array, "b g v"] | N
 # -- position rules ----------------------------------------------------------------------------
 
 
-def position_scores(order: str, logits: Float[Array, "b g v"], tokens: Int[Array, "b g"],
+def position_scores(order: str, logits: Float[Array, "b g v"], tokens: Int[Array, "b g"] | None,
                     uniform: Float[Array, "b g"]) -> Float[Array, "b g"]:
     """Higher is revealed first. `logits` are those of the sampling distribution (Dream's rule).
 
     confidence: p(drawn token); margin: p(1st) - p(2nd); entropy: sum p log p (negative
-    entropy); random: uniform noise.
+    entropy); random: uniform noise. Only confidence reads `tokens`.
     """
     if order == "random":
         return uniform
