@@ -274,10 +274,9 @@ def reveal_bound(config: SamplerConfig, even_rows: bool) -> int | None:
     count schedule); None otherwise.
 
     `generate` then draws tokens only at that many top-ranked positions instead of at every
-    position of the block (Dream's loop draws them all and keeps the few it reveals). The draws
-    are keyed by position, so the tokens are the same either way. `even_rows`: every row starts
-    each block with the same number of masks (no infill), which Dream's batch-average count
-    needs for a bound.
+    position of the block (Dream's loop draws them all and keeps the few it reveals): the same
+    law, a different random stream. `even_rows`: every row starts each block with the same
+    number of masks (no infill), which Dream's batch-average count needs for a bound.
     """
     if config.order == "confidence" or config.adaptive:
         return None
@@ -298,8 +297,7 @@ def reveal_bound(config: SamplerConfig, even_rows: bool) -> int | None:
 
 
 def _position_noise(token_keys, positions: Int[Array, "b n"], vocab: int, dtype):
-    """Gumbel noise (B, n, V), keyed by (row key, position): the same draw at a position
-    whichever subset of positions is drawn."""
+    """Gumbel noise (B, n, V) for the given block positions, keyed by (row key, position)."""
     return jax.vmap(lambda key, row: jax.vmap(
         lambda p: jax.random.gumbel(jax.random.fold_in(key, p), (vocab,), dtype))(row))(
             token_keys, positions)
@@ -350,13 +348,13 @@ def _program(state, joint_params, prompt, prompt_mask, gen, seeds, salts, *, sta
         return _ban(block_logits(hidden, start), banned), hidden
 
     bound = None if static.joint_sampler is not None else reveal_bound(config, static.even_rows)
-    all_positions = jnp.broadcast_to(jnp.arange(size, dtype=jnp.int32), (prompt.shape[0], size))
 
     def draw_all(sample_logits, token_keys):
         """A token at every block position: (tokens (B, K), noise (B, K, V) or None)."""
         if config.temperature == 0:
             return um.draw_tokens(sample_logits, None), None
-        gumbel = _position_noise(token_keys, all_positions, cfg.vocab_size, noise_dtype)
+        gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (size, cfg.vocab_size), noise_dtype))(
+            token_keys)
         return um.draw_tokens(sample_logits, gumbel), gumbel
 
     def draw_ranked(sample_logits, rank, token_keys):

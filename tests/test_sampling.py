@@ -173,15 +173,17 @@ def tv_bound(p, n, delta=1e-6):
     return mean + math.sqrt(math.log(1 / delta) / (2 * n))
 
 
-ENUM_CASES = [("random", 0.0), ("confidence", 0.0), ("margin", 0.0), ("entropy", 0.0),
-              ("confidence", 0.05), ("entropy", 0.5)]
+ENUM_CASES = [("random", 0.0, "llada"), ("confidence", 0.0, "llada"), ("margin", 0.0, "llada"),
+              ("entropy", 0.0, "llada"), ("confidence", 0.05, "llada"), ("entropy", 0.5, "llada"),
+              ("margin", 0.0, "dream")]
 
 
-@pytest.mark.parametrize("order,order_temperature", ENUM_CASES)
+@pytest.mark.parametrize("order,order_temperature,schedule", ENUM_CASES)
 def test_one_token_per_pass_samples_the_exact_distribution(enum_model, state_probs, order,
-                                                           order_temperature):
-    # The llada schedule with steps == gen_length reveals exactly one token per pass.
-    config = SamplerConfig(gen_length=ENUM_GEN, steps=ENUM_GEN, schedule="llada", order=order,
+                                                           order_temperature, schedule):
+    # With steps == gen_length, the llada schedule and the corrected dream one reveal exactly
+    # one token per pass (random/margin/entropy then draw a token only where they reveal).
+    config = SamplerConfig(gen_length=ENUM_GEN, steps=ENUM_GEN, schedule=schedule, order=order,
                            order_temperature=order_temperature, temperature=1.0)
     exact = exact_distribution(state_probs, order, order_temperature)
     assert abs(sum(exact.values()) - 1) < 1e-9
@@ -586,23 +588,6 @@ def test_a_row_is_the_same_alone_and_in_a_batch(sem_models, family):
     # and the seeds matter: a different seed gives a different sample somewhere
     other = generate(model, prompts, config, seed=[s + 1 for s in seeds])
     assert not np.array_equal(other, batch)
-
-
-@pytest.mark.parametrize("schedule,faithful", [("dream", True), ("dream", False), ("llada", False)])
-def test_drawing_only_the_revealed_tokens_changes_nothing(sem_models, monkeypatch, schedule,
-                                                           faithful):
-    """With token-independent orders jdlm draws tokens only at the positions a pass reveals
-    (`reveal_bound`); the draws are keyed by position, so the output equals drawing everywhere."""
-    model = sem_models["dream"]
-    config = SamplerConfig(gen_length=8, steps=8, block_length=4, order="entropy",
-                           schedule=schedule, temperature=1.0, faithful=faithful)
-    assert sampling.reveal_bound(config, True) is not None
-    fast = generate(model, SEM_PROMPTS, config, seed=[5, 6], return_history=True)
-    monkeypatch.setattr(sampling, "reveal_bound", lambda config, even_rows: None)
-    sampling._program.clear_cache()
-    slow = generate(model, SEM_PROMPTS, config, seed=[5, 6], return_history=True)
-    sampling._program.clear_cache()
-    assert all(np.array_equal(a, b) for a, b in zip(fast, slow))
 
 
 # ------------------------------------------------------------------------------------------------
