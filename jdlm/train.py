@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -223,7 +224,7 @@ def _batch_shardings(example: dict[str, np.ndarray], mesh) -> dict[str, NamedSha
 
 def _trim_metrics(path: Path, last_step: int) -> None:
     """On resume, drop records written after the checkpoint we restart from."""
-    if not path.exists():
+    if not path.is_file():
         return
     keep = [line for line in path.read_text().splitlines()
             if line.strip() and json.loads(line).get("step", 0) <= last_step]
@@ -301,7 +302,8 @@ def train(
             if params is None:
                 params = init_params(cfg, tc.seed, p_shardings)
             state = jax.jit(fresh_state, out_shardings=shardings)(params)
-        metrics_path = run_dir / "metrics.jsonl"
+        # Process 0 alone owns the metrics file (hosts share the run directory).
+        metrics_path = run_dir / "metrics.jsonl" if jax.process_index() == 0 else Path(os.devnull)
         _trim_metrics(metrics_path, start)
         base_rng = jax.random.key(tc.seed)
         eval_rng = jax.random.key(tc.seed + 1)
@@ -337,7 +339,7 @@ def train(
                     eval_loss = evaluate(state["params"])
                     if eval_loss is not None:
                         record = {"step": step, **record, "eval_loss": eval_loss}
-                if record and jax.process_index() == 0:
+                if record:
                     log.write(json.dumps(record) + "\n")
                     log.flush()
                 bar.update()
@@ -577,17 +579,18 @@ def run(tc: TrainConfig, *, data: str, run_dir: str | Path, out_dir: str | Path 
                "heldout_loss": result.eval_loss, "stopped_early": result.stopped_early,
                "wall_s": time.perf_counter() - started, "train_config": tc.to_dict(),
                **prepared.info}
-    params = result.params
-    if jax.process_count() > 1:  # each host holds only its shards: gather them for the export
-        from jax.experimental import multihost_utils
-
-        params = multihost_utils.process_allgather(params, tiled=True)
-    if out_dir is not None and not result.stopped_early and jax.process_index() == 0:
+    if jax.process_count() > 1:
+        # `checkpoint.save` is single-process (its Orbax barriers would wait for the other
+        # hosts forever); the run's own Orbax checkpoints hold the trained state.
+        print(f"multi-host run: weights are in {run_dir}/checkpoints; no export to {out_dir}")
+        out_dir = None
+    if out_dir is not None and not result.stopped_early:
         out_dir = Path(out_dir).absolute()  # Orbax writes only to absolute paths
-        save(model_from_params(cfg, params), out_dir, overwrite=True,
+        save(model_from_params(cfg, result.params), out_dir, overwrite=True,
              extra_files=prepared.files,
              extra_metadata={"objective": tc.objective, "causal": tc.objective == "ar",
                              "train": {k: v for k, v in summary.items() if k != "train_config"}})
         summary["checkpoint"] = str(out_dir)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if jax.process_index() == 0:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -134,6 +134,43 @@ def test_grad_accumulation_bf16_and_remat():
     assert jax.tree.leaves(remat["params"])[0].dtype == np.float32
 
 
+MULTIHOST_SCRIPT = textwrap.dedent("""
+    import sys
+    import jax
+    pid, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2,
+                               process_id=pid)
+    from jdlm import train
+    from jdlm.config import TrainConfig
+    tc = TrainConfig(seq_len=16, batch_size=8, steps=3, warmup_steps=1, log_every=1,
+                     eval_every=3, eval_batches=2, save_every=100)
+    summary = train.run(tc, data="synthetic:support=4,rows=256", run_dir=out, out_dir=None,
+                        mesh="data=2,fsdp=2", progress=False,
+                        model_shape=dict(hidden_size=32, intermediate_size=64, num_layers=1,
+                                         num_heads=4, num_kv_heads=4, max_position_embeddings=16))
+    print("RESULT", jax.process_count(), jax.device_count(), summary["heldout_loss"])
+""")
+
+
+@pytest.mark.slow  # two jax.distributed processes on localhost (~1 min on 2 cores)
+def test_two_hosts_train_together(tmp_path):
+    script = tmp_path / "host.py"
+    script.write_text(MULTIHOST_SCRIPT)
+    env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    port = str(20000 + os.getpid() % 10000)
+    procs = [subprocess.Popen([sys.executable, str(script), str(i), port, str(tmp_path / "run")],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][1][-2000:]
+    results = [line.split()[1:] for out, _ in outs for line in out.splitlines()
+               if line.startswith("RESULT")]
+    # Both hosts see 2 processes x 2 devices and the same global held-out loss.
+    assert len(results) == 2 and results[0] == results[1] and results[0][:2] == ["2", "4"]
+    losses = _losses(tmp_path / "run")
+    assert sorted(losses) == [1, 2, 3] and np.isfinite(list(losses.values())).all()
+
+
 # ----------------------------------------------------------------------------------------------
 # Resume and preemption through the real command line
 # ----------------------------------------------------------------------------------------------
