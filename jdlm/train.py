@@ -490,32 +490,30 @@ def prepare_data(spec: str, tc: TrainConfig, run_dir: Path, *, vocab_size: int,
     from tokenizers import Tokenizer
 
     if tc.objective == "sft":
-        pairs = D.sft_pairs(Path(spec))
-        texts = [p + r for p, r in pairs]
+        train_docs, held_docs = D.split_heldout(D.sft_pairs(Path(spec)), heldout_fraction,
+                                                key=lambda pair: "\x00".join(pair))
+        tokenizer_texts = [p + r for p, r in train_docs]
     else:
-        texts = D.load_texts(spec)
+        train_docs, held_docs = D.split_heldout(D.load_texts(spec), heldout_fraction)
+        tokenizer_texts = train_docs
     tok_file = Path(tokenizer_path) if tokenizer_path else run_dir / "tokenizer.json"
     if not tok_file.exists():
         if tokenizer_path:
             raise JdlmError(f"tokenizer {tokenizer_path} does not exist")
-        train_texts, _ = D.split_heldout(texts, heldout_fraction)
-        D.train_tokenizer(train_texts, vocab_size, run_dir)
+        D.train_tokenizer(tokenizer_texts, vocab_size, run_dir)
     tokenizer = Tokenizer.from_file(str(tok_file))
     special = D.special_ids(tokenizer)
     files = [tok_file] + [f for f in [tok_file.parent / "tokenizer_config.json"] if f.exists()]
     if tc.objective == "sft":
-        train_pairs, held_pairs = D.split_heldout(pairs, heldout_fraction,
-                                                  key=lambda pair: "\x00".join(pair))
         train_rows, held_rows = (
-            {k: v[pi::pc] for k, v in D.sft_rows(_encode_pairs(tokenizer, p), tc.seq_len,
-                                                 special["bos"], special["eos"]).items()}
-            for p in (train_pairs, held_pairs))
+            D.sft_rows(_encode_pairs(tokenizer, D.host_shard(docs, pi, pc)), tc.seq_len,
+                       special["bos"], special["eos"])
+            for docs in (train_docs, held_docs))
     else:
-        train_texts, held_texts = D.split_heldout(texts, heldout_fraction)
-        train_rows = {"tokens": D.pack(D.tokenize(tokenizer, D.host_shard(train_texts, pi, pc)),
-                                       tc.seq_len, special["bos"], special["eos"])}
-        held_rows = {"tokens": D.pack(D.tokenize(tokenizer, D.host_shard(held_texts, pi, pc)),
-                                      tc.seq_len, special["bos"], special["eos"])}
+        train_rows, held_rows = (
+            {"tokens": D.pack(D.tokenize(tokenizer, D.host_shard(docs, pi, pc)), tc.seq_len,
+                              special["bos"], special["eos"])}
+            for docs in (train_docs, held_docs))
     info = {"train_rows": len(train_rows["tokens"]), "heldout_rows": len(held_rows["tokens"])}
     return PreparedData(train_rows, held_rows, tokenizer.get_vocab_size(), special, files, info)
 
