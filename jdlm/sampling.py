@@ -255,47 +255,6 @@ def _put_block(x: Array, block: Array, start: Int[Array, " b"]) -> Array:
         x, block, start)
 
 
-def _block_start(config: SamplerConfig, i, masked) -> Int[Array, " b"]:
-    """Where each row's active block starts in the generated span.
-
-    Count schedules give every block steps/num_blocks passes, so pass i works on block
-    i // steps_per_block; adaptive ones take each row's first block that still has a mask.
-    """
-    if config.adaptive:
-        block = jnp.argmax(masked, axis=1).astype(jnp.int32) // config.block_length
-    else:
-        block = jnp.broadcast_to(i // config.steps_per_block, masked.shape[:1])
-    return block * config.block_length
-
-
-def reveal_bound(config: SamplerConfig, even_rows: bool) -> int | None:
-    """The most tokens any row reveals in one pass, when it is known before compiling and the
-    position scores do not depend on the drawn tokens (random, margin, entropy orders with a
-    count schedule); None otherwise.
-
-    `generate` then draws tokens only at that many top-ranked positions instead of at every
-    position of the block (Dream's loop draws them all and keeps the few it reveals): the same
-    law, a different random stream. `even_rows`: every row starts each block with the same
-    number of masks (no infill), which Dream's batch-average count needs for a bound.
-    """
-    if config.order == "confidence" or config.adaptive:
-        return None
-    if config.faithful and config.schedule == "dream" and (
-            config.order == "random" or not even_rows):
-        return None  # Dream's `origin` (a coin per position) or its count from uneven rows
-    size, passes = config.block_length, config.steps_per_block
-    if config.schedule == "llada":
-        bound = -(-size // passes)
-    else:  # replay the dream counts from every possible number of masks
-        fractions, bound = um.dream_reveal_fractions(passes, config.eps), 0
-        for masks in range(size + 1):
-            for j in range(passes):
-                k = masks if j == passes - 1 else int(np.floor(np.float32(masks) * fractions[j]))
-                k = min(k if config.faithful else max(k, 1), masks)
-                bound, masks = max(bound, k), masks - k
-    return bound if bound < size else None
-
-
 def _position_noise(token_keys, positions: Int[Array, "b n"], vocab: int, dtype):
     """Gumbel noise (B, n, V) for the given block positions, keyed by (row key, position)."""
     return jax.vmap(lambda key, row: jax.vmap(
@@ -347,7 +306,7 @@ def _program(state, joint_params, prompt, prompt_mask, gen, seeds, salts, *, sta
         _, hidden = model(canvas, attention, attn_impl=static.attn_impl, return_hidden=True)
         return _ban(block_logits(hidden, start), banned), hidden
 
-    bound = None if static.joint_sampler is not None else reveal_bound(config, static.even_rows)
+    bound = None if static.joint_sampler is not None else um.reveal_bound(config, static.even_rows)
 
     def draw_all(sample_logits, token_keys):
         """A token at every block position: (tokens (B, K), noise (B, K, V) or None)."""
@@ -376,7 +335,7 @@ def _program(state, joint_params, prompt, prompt_mask, gen, seeds, salts, *, sta
 
     def step(carry):
         i, gen, revealed_at = carry
-        start = _block_start(config, i, gen == mask_id)
+        start = um.block_start(config, i, gen == mask_id)
         logits, hidden = forward(gen, start)
         block = _take_block(gen, start, size)
         step_keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, i)
@@ -390,7 +349,7 @@ def _program(state, joint_params, prompt, prompt_mask, gen, seeds, salts, *, sta
         score_logits = _ban(logits if llada_scores else sample_logits, zero_confidence)
         if bound is not None:  # scores do not need the tokens: draw only the revealed ones
             scores = um.position_scores(config.order, score_logits, None, uniform)
-            chosen, rank = _choose_positions(config, i, block == mask_id,
+            chosen, rank = um.choose_positions(config, i, block == mask_id,
                                              order_noise(scores, position_keys), None, uniform,
                                              sample_logits, fractions)
             fits = jnp.max(jnp.sum(chosen, axis=1)) <= bound
@@ -400,7 +359,7 @@ def _program(state, joint_params, prompt, prompt_mask, gen, seeds, salts, *, sta
             scores = um.position_scores(config.order, score_logits, tokens, uniform)
             confidence = (um.position_scores("confidence", score_logits, tokens, uniform)
                           if config.schedule == "threshold" else None)
-            chosen, rank = _choose_positions(config, i, block == mask_id,
+            chosen, rank = um.choose_positions(config, i, block == mask_id,
                                              order_noise(scores, position_keys), confidence,
                                              uniform, sample_logits, fractions)
             if static.joint_sampler is not None:
@@ -418,34 +377,6 @@ def _program(state, joint_params, prompt, prompt_mask, gen, seeds, salts, *, sta
     init = (jnp.int32(0), gen, jnp.full(gen.shape, -1, jnp.int32))
     passes, gen, revealed_at = jax.lax.while_loop(not_done, step, init)
     return gen, revealed_at, passes
-
-
-def _choose_positions(config: SamplerConfig, i, eligible, scores, confidence, uniform,
-                      sample_logits, fractions):
-    """Which masked positions of the active block pass `i` reveals.
-
-    eligible: (B, K) the block's masked positions. Returns (chosen (B, K), rank (B, K) by score).
-    """
-    count = jnp.sum(eligible, axis=1, dtype=jnp.int32)
-    rank = um.ranks(scores, eligible)
-    if config.schedule == "threshold":
-        return um.threshold_selection(confidence, rank, eligible, config.threshold), rank
-    if config.schedule == "entropy_bound":
-        k = um.entropy_bound_counts(um.entropy(sample_logits), scores, eligible,
-                                    config.entropy_budget)
-        return eligible & (rank < k[:, None]), rank
-    j = i % config.steps_per_block
-    if config.schedule == "llada":
-        k = um.llada_counts(count, config.steps_per_block - j)
-        return eligible & (rank < k[:, None]), rank
-    last = j == config.steps_per_block - 1
-    if config.faithful and config.order == "random":  # Dream's `origin`: a coin per position
-        return eligible & ((uniform < fractions[j]) | last), rank
-    m = count.astype(jnp.float32)
-    if config.faithful:  # Dream: one count for all rows, from the batch average
-        m = jnp.broadcast_to(jnp.sum(m) / m.shape[0], m.shape)
-    k = um.dream_counts(m, fractions[j], last, corrected=not config.faithful)
-    return eligible & (rank < jnp.minimum(k, count)[:, None]), rank
 
 
 def _joint_tokens(static: _Static, params, prompt, gen, hidden, logits, chosen, rank, gumbel,

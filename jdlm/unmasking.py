@@ -3,7 +3,8 @@
 A step of every standard sampler is: turn the logits at the masked positions into a token
 distribution (temperature, top-p, top-k), draw a candidate token per position, score the
 positions (the *position rule*), decide how many to reveal (the *count schedule*), and reveal the
-best-ranked ones. `jdlm.sampling` strings these together inside one compiled loop.
+best-ranked ones. `jdlm.sampling` strings these together inside one compiled loop; the last
+section turns a `SamplerConfig` into the positions one pass reveals.
 
 Shapes: B rows, G generated positions, V vocabulary. Everything here is float32 unless the caller
 asks for float64 Gumbel noise (which needs `jax_enable_x64`).
@@ -11,10 +12,15 @@ asks for float64 Gumbel noise (which needs `jax_enable_x64`).
 
 from __future__ import annotations
 
-import numpy as np
+from typing import TYPE_CHECKING
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int
+
+if TYPE_CHECKING:
+    from jdlm.sampling import SamplerConfig
 
 # Dream's names for the orders: origin, maskgit_plus, topk_margin, entropy (MODELS.md §1.8);
 # LLaDA's: random, low_confidence.
@@ -179,3 +185,75 @@ def entropy_bound_counts(entropies: Float[Array, "b g"], scores: Float[Array, "b
     spent = jnp.cumsum(h, axis=-1) - jax.lax.cummax(h, axis=1)
     fits = (spent <= budget) & jnp.take_along_axis(eligible, order, axis=-1)
     return jnp.sum(jnp.cumprod(fits, axis=-1), axis=-1).astype(jnp.int32)
+
+
+# -- which positions a pass reveals -------------------------------------------------------------
+
+
+def block_start(config: SamplerConfig, i, masked) -> Int[Array, " b"]:
+    """Where each row's active block starts in the generated span.
+
+    Count schedules give every block steps/num_blocks passes, so pass i works on block
+    i // steps_per_block; adaptive ones take each row's first block that still has a mask.
+    """
+    if config.adaptive:
+        block = jnp.argmax(masked, axis=1).astype(jnp.int32) // config.block_length
+    else:
+        block = jnp.broadcast_to(i // config.steps_per_block, masked.shape[:1])
+    return block * config.block_length
+
+
+def choose_positions(config: SamplerConfig, i, eligible, scores, confidence, uniform,
+                      sample_logits, fractions):
+    """Which masked positions of the active block pass `i` reveals.
+
+    eligible: (B, K) the block's masked positions. Returns (chosen (B, K), rank (B, K) by score).
+    """
+    count = jnp.sum(eligible, axis=1, dtype=jnp.int32)
+    rank = ranks(scores, eligible)
+    if config.schedule == "threshold":
+        return threshold_selection(confidence, rank, eligible, config.threshold), rank
+    if config.schedule == "entropy_bound":
+        k = entropy_bound_counts(entropy(sample_logits), scores, eligible,
+                                    config.entropy_budget)
+        return eligible & (rank < k[:, None]), rank
+    j = i % config.steps_per_block
+    if config.schedule == "llada":
+        k = llada_counts(count, config.steps_per_block - j)
+        return eligible & (rank < k[:, None]), rank
+    last = j == config.steps_per_block - 1
+    if config.faithful and config.order == "random":  # Dream's `origin`: a coin per position
+        return eligible & ((uniform < fractions[j]) | last), rank
+    m = count.astype(jnp.float32)
+    if config.faithful:  # Dream: one count for all rows, from the batch average
+        m = jnp.broadcast_to(jnp.sum(m) / m.shape[0], m.shape)
+    k = dream_counts(m, fractions[j], last, corrected=not config.faithful)
+    return eligible & (rank < jnp.minimum(k, count)[:, None]), rank
+
+
+def reveal_bound(config: SamplerConfig, even_rows: bool) -> int | None:
+    """The most tokens any row reveals in one pass, when it is known before compiling and the
+    position scores do not depend on the drawn tokens (random, margin, entropy orders with a
+    count schedule); None otherwise.
+
+    `generate` then draws tokens only at that many top-ranked positions instead of at every
+    position of the block (Dream's loop draws them all and keeps the few it reveals): the same
+    law, a different random stream. `even_rows`: every row starts each block with the same
+    number of masks (no infill), which Dream's batch-average count needs for a bound.
+    """
+    if config.order == "confidence" or config.adaptive:
+        return None
+    if config.faithful and config.schedule == "dream" and (
+            config.order == "random" or not even_rows):
+        return None  # Dream's `origin` (a coin per position) or its count from uneven rows
+    size, passes = config.block_length, config.steps_per_block
+    if config.schedule == "llada":
+        bound = -(-size // passes)
+    else:  # replay the dream counts from every possible number of masks
+        fractions, bound = dream_reveal_fractions(passes, config.eps), 0
+        for masks in range(size + 1):
+            for j in range(passes):
+                k = masks if j == passes - 1 else int(np.floor(np.float32(masks) * fractions[j]))
+                k = min(k if config.faithful else max(k, 1), masks)
+                bound, masks = max(bound, k), masks - k
+    return bound if bound < size else None
