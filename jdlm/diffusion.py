@@ -169,8 +169,6 @@ def ar_objective(apply: Apply, cfg: ModelConfig):
     return loss_fn
 
 
-OBJECTIVES = {"mdlm": mdlm_objective, "sft": sft_objective, "ar": ar_objective}
-
 
 # ----------------------------------------------------------------------------------------------
 # Monte Carlo likelihood of an answer given a prompt
