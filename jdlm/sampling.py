@@ -312,8 +312,14 @@ def _program(state, joint_params, prompt, prompt_mask, gen, seeds, salts, *, sta
         """A token at every block position: (tokens (B, K), noise (B, K, V) or None)."""
         if config.temperature == 0:
             return um.draw_tokens(sample_logits, None), None
-        gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (size, cfg.vocab_size), noise_dtype))(
-            token_keys)
+        if static.joint_sampler is not None:
+            # Keyed by position like `draw_ranked`: one token per pass with a joint sampler
+            # then draws exactly what the sampler without it draws.
+            positions = jnp.broadcast_to(jnp.arange(size, dtype=jnp.int32), sample_logits.shape[:2])
+            gumbel = _position_noise(token_keys, positions, cfg.vocab_size, noise_dtype)
+        else:
+            gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (size, cfg.vocab_size),
+                                                          noise_dtype))(token_keys)
         return um.draw_tokens(sample_logits, gumbel), gumbel
 
     def draw_ranked(sample_logits, rank, token_keys):
@@ -350,9 +356,8 @@ def _program(state, joint_params, prompt, prompt_mask, gen, seeds, salts, *, sta
         if bound is not None:  # scores do not need the tokens: draw only the revealed ones
             scores = um.position_scores(config.order, score_logits, None, uniform)
             chosen, rank = um.choose_positions(config, i, block == mask_id,
-                                             order_noise(scores, position_keys), None, uniform,
-                                             sample_logits, fractions)
-            fits = jnp.max(jnp.sum(chosen, axis=1)) <= bound
+                                               order_noise(scores, position_keys), None,
+                                               uniform, sample_logits, fractions)
             tokens = draw_ranked(sample_logits, rank, token_keys)
         else:
             tokens, gumbel = draw_all(sample_logits, token_keys)
@@ -360,11 +365,22 @@ def _program(state, joint_params, prompt, prompt_mask, gen, seeds, salts, *, sta
             confidence = (um.position_scores("confidence", score_logits, tokens, uniform)
                           if config.schedule == "threshold" else None)
             chosen, rank = um.choose_positions(config, i, block == mask_id,
-                                             order_noise(scores, position_keys), confidence,
-                                             uniform, sample_logits, fractions)
+                                               order_noise(scores, position_keys), confidence,
+                                               uniform, sample_logits, fractions)
             if static.joint_sampler is not None:
-                tokens = _joint_tokens(static, joint_params, prompt, gen, hidden, logits, chosen,
-                                       rank, gumbel, start, banned)
+
+                def score(logits):
+                    """(sample logits, drawn tokens, position scores) of the active block."""
+                    sample_logits = um.sampling_logits(logits, config.temperature, config.top_p,
+                                                       config.top_k)
+                    tokens = um.draw_tokens(sample_logits, gumbel)
+                    score_logits = _ban(sample_logits, zero_confidence)
+                    scores = um.position_scores(config.order, score_logits, tokens, uniform)
+                    return tokens, order_noise(scores, position_keys)
+
+                tokens, chosen = _joint_tokens(
+                    static, joint_params, prompt, attention, gen, hidden, logits,
+                    jnp.sum(chosen, axis=1), start, banned, score, model.head)
         gen = _put_block(gen, jnp.where(chosen, tokens, block), start)
         revealed_at = _put_block(
             revealed_at, jnp.where(chosen, i, _take_block(revealed_at, start, size)), start)
@@ -379,33 +395,45 @@ def _program(state, joint_params, prompt, prompt_mask, gen, seeds, salts, *, sta
     return gen, revealed_at, passes
 
 
-def _joint_tokens(static: _Static, params, prompt, gen, hidden, logits, chosen, rank, gumbel,
-                  start, banned):
-    """Draw the chosen tokens one at a time in rank order, refreshing the logits after each.
+def _joint_tokens(static: _Static, params, prompt, attention, gen, hidden, logits, count, start,
+                  banned, score, head):
+    """Reveal a pass's tokens one at a time with a joint sampler (ADJUST's micro-steps).
 
-    The joint sampler maps (params, canvas (B, L), hidden (B, L, D)) -> (hidden, logits
-    (B, L, V)); positions and counts stay those chosen from the base logits. Drawing with the
-    same noise means a joint sampler that returns the base logits changes nothing. Works on the
-    active block: logits, chosen, rank, gumbel are (B, K, ...); returns the block's tokens.
+    The schedule fixed how many tokens each row reveals this pass (`count`, (B,)); which ones is
+    decided one token at a time. Each micro-step scores the block's still-masked positions with
+    the current distributions (the pass's position rule), draws the token of the best one and
+    writes it; then, unless every row has revealed its count, the joint sampler refines every
+    position's hidden state given the new token, and the active block is projected again with
+    the base model's output head (token bans re-applied). With one token per pass it never
+    runs, so the result is exactly the sampler without it.
+
+    logits: the active block's (B, K, V); hidden: the whole canvas's (B, L, D). Returns the
+    block's tokens and the positions revealed, both (B, K).
     """
-    config = static.config
+    config, mask_id = static.config, static.model.mask_token_id
     width, size = prompt.shape[1], config.block_length
-    turn = um.ranks(-rank.astype(jnp.float32), chosen)  # 0, 1, ... among the chosen positions
+    most = jnp.max(count)
 
     def micro_step(carry):
-        m, gen, hidden, logits = carry
-        sample_logits = um.sampling_logits(logits, config.temperature, config.top_p, config.top_k)
+        m, gen, hidden, logits, revealed = carry
         block = _take_block(gen, start, size)
-        block = jnp.where(chosen & (turn == m), um.draw_tokens(sample_logits, gumbel), block)
-        gen = _put_block(gen, block, start)
-        hidden, full_logits = static.joint_sampler(params, jnp.concatenate([prompt, gen], 1),
-                                                   hidden)
-        return m + 1, gen, hidden, _ban(_take_block(full_logits[:, width:], start, size), banned)
+        tokens, scores = score(logits)
+        masked = block == mask_id
+        best = masked & (um.ranks(scores, masked) == 0) & (m < count)[:, None]
+        gen = _put_block(gen, jnp.where(best, tokens, block), start)
 
-    most = jnp.max(jnp.sum(chosen, axis=1))
-    _, gen, _, _ = jax.lax.while_loop(lambda c: c[0] < most, micro_step,
-                                      (jnp.int32(0), gen, hidden, logits))
-    return _take_block(gen, start, size)
+        def refine(hidden):
+            canvas = jnp.concatenate([prompt, gen], axis=1)
+            hidden = static.joint_sampler(params, canvas, hidden, attention, m)
+            return hidden, _ban(head(_take_block(hidden[:, width:], start, size)), banned)
+
+        # No refinement after the pass's last token: its result would be thrown away.
+        hidden, logits = jax.lax.cond(m + 1 < most, refine, lambda h: (h, logits), hidden)
+        return m + 1, gen, hidden, logits, revealed | best
+
+    init = (jnp.int32(0), gen, hidden, logits, jnp.zeros(logits.shape[:2], bool))
+    _, gen, _, _, revealed = jax.lax.while_loop(lambda c: c[0] < most, micro_step, init)
+    return _take_block(gen, start, size), revealed
 
 
 # -- the public entry point ----------------------------------------------------------------------
@@ -428,9 +456,12 @@ def generate(
     seed: an int (row i uses the key of (seed, i)) or one seed per row (row i uses (seed_i, 0),
         so its output is the same in any batch).
     infill: per row, {offset in the generated span: token id} fixed before sampling starts.
-    joint_sampler: optional pure `(params, canvas (B, L), hidden (B, L, D)) -> (hidden, logits
-        (B, L, V))`, run after each revealed token (see `_joint_tokens`); pass a module-level
-        function, since the program is specialised on it. `joint_params` is its traced input.
+    joint_sampler: optional pure `(params, canvas (B, L), hidden (B, L, D), attention_mask
+        (B, L), micro_step) -> hidden (B, L, D)`: refined final hidden states after a token was
+        written, in the base model's output space (its head gives the logits), e.g.
+        `jdlm.adjust.joint_sampler`. A pass then reveals its tokens one at a time, each from the
+        refined distributions (see `_joint_tokens`). It must be hashable (the program is
+        specialised on it); `joint_params` is its traced input.
 
     Returns an int32 array (B, P_max + gen_length): each row's prompt, left-padded with the pad
     id, then its generated tokens. With `return_history`, also (B, P_max + gen_length) int32:
