@@ -22,6 +22,7 @@ is `state_at(tokens, reveal_step, i)`.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -258,7 +259,7 @@ def load_adjust(path, base) -> TrainedAdjust:
 
     from jdlm.trajectories import check_fingerprint
 
-    path = Path(path)
+    path = Path(path).absolute()
     meta_file = path / ADJUST_META
     if not meta_file.is_file():
         raise JdlmError(f"{path} is not an ADJUST checkpoint (no {ADJUST_META}); train one with "
@@ -270,6 +271,34 @@ def load_adjust(path, base) -> TrainedAdjust:
     with ocp.StandardCheckpointer() as ckpt:
         params = ckpt.restore(path / "params", abstract)
     return TrainedAdjust(config=adjust, params=params, meta=meta)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdjustStep:
+    """The joint sampler handed to `generate()`: one ADJUST micro-step.
+
+    `(params, canvas, hidden, attention_mask, micro_step) -> hidden` with params = (layer
+    parameters, base model state); the sampler projects the refined hidden states with the base
+    head itself (only where it needs logits). Hashable, so the compiled program is specialised
+    on it like on any static. Per-step layers beyond the trained depth reuse the last one.
+    """
+
+    config: ModelConfig
+    adjust: AdjustConfig
+    base_graphdef: Any
+
+    def __call__(self, params, canvas, hidden, attention_mask, micro_step):
+        layer_params, base_state = params
+        layer = _merge_layer(self.config, self.adjust, layer_params)
+        step = jnp.minimum(micro_step, self.adjust.max_unroll - 1)
+        hidden, _ = layer(nnx.merge(self.base_graphdef, base_state), canvas, hidden,
+                          attention_mask, step=step)
+        return hidden
+
+
+def joint_sampler(trained: TrainedAdjust, base) -> tuple[AdjustStep, tuple]:
+    """(joint_sampler, joint_params) for `generate(base, ..., joint_sampler=..., joint_params=...)`."""
+    return AdjustStep(base.config, trained.config, base.graphdef), (trained.params, base.state)
 
 
 def train_adjust(base, trajectories_dir, out_dir, run_dir, *, adjust: AdjustConfig, tc,

@@ -468,6 +468,9 @@ def generate(
     the pass at which each position was revealed, -1 for prompt, padding and infilled tokens.
     """
     cfg = model.config
+    if joint_sampler is not None and config.cfg_scale > 0:
+        raise JdlmError("a joint sampler refines the conditional distribution only; use "
+                        "cfg_scale=0 with it")
     prompts = [list(p) for p in prompts]
     prompt, prompt_mask, gen, longest = _canvas(prompts, config, cfg, infill)
     seeds, salts = _row_seeds(seed, len(prompts))

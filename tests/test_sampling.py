@@ -701,43 +701,6 @@ def test_infilled_tokens_stay_and_are_never_revealed(sem_models):
         1, 2, 3, 4, 5]
 
 
-def constant_joint_sampler(params, canvas, hidden):
-    """After the first token of a pass, every later token is drawn from `params` (B, L, V)."""
-    return hidden, jax.numpy.broadcast_to(params, canvas.shape + params.shape[-1:])
-
-
-def test_joint_sampler_refreshes_the_logits_between_tokens_of_a_pass(sem_models):
-    model = sem_models["llada"]
-    config = SamplerConfig(gen_length=8, steps=2, schedule="llada")
-    base = generate(model, SEM_PROMPTS, config)
-    # Forcing token 7 after each revealed token: only the first token of each pass is the
-    # base model's, the other three of the pass are 7.
-    forced = np.full((SEM_VOCAB,), -1e4, np.float32)
-    forced[7] = 0.0
-    tokens, history = generate(model, SEM_PROMPTS, config, return_history=True,
-                               joint_sampler=constant_joint_sampler, joint_params=forced)
-    gen, hist, base_gen = tokens[:, -8:], history[:, -8:], base[:, -8:]
-    for row in range(2):
-        for step in range(2):
-            revealed = np.flatnonzero(hist[row] == step)
-            assert len(revealed) == 4
-            assert (gen[row, revealed] == 7).sum() >= 3
-    # positions are chosen from the base logits, so the history matches the base run's
-    np.testing.assert_array_equal(hist, generate(model, SEM_PROMPTS, config,
-                                                 return_history=True)[1][:, -8:])
-    assert not np.array_equal(gen, base_gen) or (base_gen == 7).all()
-    # adaptive schedules reveal positions of any rank: every one of them still gets its turn
-    config = SamplerConfig(gen_length=8, schedule="threshold", threshold=0.5)
-    tokens, history = generate(model, SEM_PROMPTS, config, return_history=True,
-                               joint_sampler=constant_joint_sampler, joint_params=forced)
-    gen, hist = tokens[:, -8:], history[:, -8:]
-    assert (hist >= 0).all()
-    for row in range(2):
-        for step in range(hist[row].max() + 1):
-            revealed = np.flatnonzero(hist[row] == step)
-            assert (gen[row, revealed] == 7).sum() >= len(revealed) - 1
-
-
 @pytest.mark.slow
 def test_float64_gumbel_runs_under_x64(tmp_path):
     """LLaDA's float64 Gumbel noise, in a fresh process with JAX_ENABLE_X64=1 (slow: a fresh
