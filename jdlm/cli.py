@@ -256,7 +256,22 @@ def _sampler_config(args):
 
     fields = {k: getattr(args, k) for k in _SAMPLER_FLAGS if getattr(args, k) is not None}
     fields.update({k: True for k in _SAMPLER_SWITCHES if getattr(args, k)})
+    k = getattr(args, "tokens_per_step", None)
+    if k is not None:
+        fields["steps"] = _steps_for(k, fields)
     return SamplerConfig(**fields)
+
+
+def _steps_for(tokens_per_step: int, fields: dict) -> int:
+    """Passes that reveal about `tokens_per_step` tokens each (ADJUST's K), block by block."""
+    gen = fields["gen_length"]
+    block = fields.get("block_length") or gen
+    if "steps" in fields:
+        raise JdlmError("give --steps or --tokens-per-step, not both")
+    if not 1 <= tokens_per_step <= block:
+        raise JdlmError(f"--tokens-per-step {tokens_per_step} must be between 1 and the block "
+                        f"length {block} (a pass reveals tokens of one block only)")
+    return (gen // block) * -(-block // tokens_per_step)
 
 
 def cmd_generate(args) -> None:
@@ -267,6 +282,12 @@ def cmd_generate(args) -> None:
 
     config = _sampler_config(args)
     model = load(args.model, mesh=args.mesh)
+    joint = {}
+    if args.adjust:
+        from jdlm.adjust import joint_sampler, load_adjust
+
+        step, params = joint_sampler(load_adjust(args.adjust, model), model)
+        joint = {"joint_sampler": step, "joint_params": params}
     tok = model.tokenizer
     records = _read_prompts(args, tok)
     eos = model.config.eos_token_id
@@ -278,7 +299,7 @@ def cmd_generate(args) -> None:
             # Row i of the input uses seed + i, whatever the batch size.
             tokens, history = generate(model, [r["prompt_ids"] for r in batch], config,
                                        seed=[args.seed + start + i for i in range(len(batch))],
-                                       return_history=True)
+                                       return_history=True, **joint)
             if args.show_steps:
                 _show_steps(tokens, history, [len(r["prompt_ids"]) for r in batch],
                             config.gen_length, model.config.mask_token_id, tok, args.delay)
@@ -293,6 +314,49 @@ def cmd_generate(args) -> None:
     finally:
         if out is not sys.stdout:
             out.close()
+
+
+def cmd_adjust_trajectories(args) -> None:
+    from jdlm.checkpoint import load
+    from jdlm.trajectories import exact_sampler, sample_trajectories
+
+    model = load(args.model, mesh=args.mesh)
+    if args.prompts:
+        prompts = [r["prompt_ids"] for r in _read_prompts(args, model.tokenizer)]
+        source = str(args.prompts)
+    else:
+        if model.config.bos_token_id is None:
+            raise JdlmError("the model has no bos_token_id for unconditional trajectories; "
+                            "pass --prompts")
+        prompts, source = [[model.config.bos_token_id]], "unconditional (BOS)"
+    sampler = exact_sampler(args.gen_length, temperature=args.temperature, top_p=args.top_p,
+                            ban_eos=not args.allow_eos)
+    traj = sample_trajectories(model, prompts, args.out, num=args.num, sampler=sampler,
+                               seed=args.seed, batch_size=args.batch_size, source=source,
+                               progress=not args.no_progress)
+    print(json.dumps({"trajectories": len(traj), "out": str(args.out),
+                      "shape": list(traj.tokens.shape)}))
+
+
+def cmd_adjust_train(args) -> None:
+    from jdlm.adjust import AdjustConfig, train_adjust
+    from jdlm.checkpoint import load
+    from jdlm.config import TrainConfig
+    from jdlm.sharding import make_mesh
+
+    mesh = make_mesh(args.mesh)
+    model = load(args.model, mesh=mesh)
+    adjust = AdjustConfig(max_unroll=args.max_unroll, shared=not args.per_step_layers,
+                          init=args.init)
+    tc = TrainConfig(objective="adjust", steps=args.steps, batch_size=args.batch_size,
+                     learning_rate=args.learning_rate, warmup_steps=args.warmup_steps,
+                     schedule="constant", clip_norm=args.clip_norm,
+                     weight_decay=args.weight_decay, b2=0.999, save_every=args.save_every,
+                     eval_every=args.eval_every, eval_batches=1, log_every=args.log_every,
+                     seed=args.seed)
+    summary = train_adjust(model, args.trajectories, args.out, args.run_dir or f"{args.out}.run",
+                           adjust=adjust, tc=tc, mesh=mesh, progress=not args.no_progress)
+    print(json.dumps({k: v for k, v in summary.items() if k != "train_config"}, indent=2))
 
 
 def cmd_eval_judge(args) -> None:
@@ -391,8 +455,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show-steps", action="store_true",
                    help="draw the canvas filling in, pass by pass (on stderr)")
     p.add_argument("--delay", type=float, default=0.15, help="seconds per frame of --show-steps")
+    p.add_argument("--tokens-per-step", type=int, default=None, metavar="K",
+                   help="set --steps so that each pass reveals about K tokens")
+    p.add_argument("--adjust", default=None, metavar="DIR",
+                   help="ADJUST layer trained for this model (`jdlm adjust train`): reveal a "
+                        "pass's tokens one at a time from its refined distributions")
     _add_mesh(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("adjust", help="ADJUST joint sampler: exact trajectories, training")
+    asub = p.add_subparsers(dest="adjust_command", required=True, metavar="COMMAND")
+    a = asub.add_parser("trajectories", help="exact one-token-per-pass samples of a frozen model "
+                                             "(resumable)")
+    a.add_argument("--model", required=True, help="base model (HF directory or converted)")
+    a.add_argument("--out", required=True, help="trajectory directory (resumed if it exists)")
+    a.add_argument("--num", type=int, required=True, help="number of trajectories")
+    a.add_argument("--gen-length", type=int, required=True, help="tokens generated per row")
+    a.add_argument("--prompts", default=None,
+                   help='JSONL {"prompt": text} or {"prompt_ids": [...]}, cycled over rows '
+                        "(default: unconditional, the BOS token alone)")
+    a.add_argument("--temperature", type=float, default=1.0)
+    a.add_argument("--top-p", type=float, default=None)
+    a.add_argument("--allow-eos", action="store_true",
+                   help="let EOS be drawn (the paper bans it for unconditional text)")
+    a.add_argument("--batch-size", type=int, default=64, help="rows per stored part")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--no-progress", action="store_true")
+    _add_mesh(a)
+    a.set_defaults(func=cmd_adjust_trajectories, prompt=None)
+
+    a = asub.add_parser("train", help="train the ADJUST layer on a trajectory set (paper recipe)")
+    a.add_argument("--model", required=True, help="frozen base model")
+    a.add_argument("--trajectories", required=True, help="from `jdlm adjust trajectories`")
+    a.add_argument("--out", required=True, help="ADJUST checkpoint directory")
+    a.add_argument("--run-dir", default=None, help="resumable run state (default OUT.run)")
+    a.add_argument("--max-unroll", type=int, default=3,
+                   help="K-1: tokens after the first one per pass (paper: 3; 7 for 8 per pass)")
+    a.add_argument("--per-step-layers", action="store_true",
+                   help="one layer per micro-step instead of one shared layer")
+    a.add_argument("--init", choices=("random", "base_layer"), default="random")
+    a.add_argument("--steps", type=int, default=1000)
+    a.add_argument("--batch-size", type=int, default=32)
+    a.add_argument("--learning-rate", type=float, default=5e-5)
+    a.add_argument("--warmup-steps", type=int, default=250)
+    a.add_argument("--clip-norm", type=float, default=1.0)
+    a.add_argument("--weight-decay", type=float, default=0.0)
+    a.add_argument("--save-every", type=int, default=100)
+    a.add_argument("--eval-every", type=int, default=100)
+    a.add_argument("--log-every", type=int, default=10)
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--no-progress", action="store_true")
+    _add_mesh(a)
+    a.set_defaults(func=cmd_adjust_train)
 
     p = sub.add_parser("train", help="train a model (MDLM, SFT or the AR baseline) on CPU/GPU/TPU")
     p.add_argument("--preset", default=None, help="named recipe: tiny-pydocs, tiny-bigram")
