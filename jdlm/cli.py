@@ -359,6 +359,12 @@ def cmd_adjust_train(args) -> None:
     print(json.dumps({k: v for k, v in summary.items() if k != "train_config"}, indent=2))
 
 
+def cmd_demo(args) -> None:
+    from jdlm.demo import main as demo
+
+    demo(Path(args.out), quick=args.quick, progress=not args.no_progress)
+
+
 def cmd_eval_judge(args) -> None:
     from jdlm.eval.jsonl import write_jsonl_atomic
     from jdlm.eval.judge import jdlm_judge, judge_nll, transformers_judge
@@ -462,6 +468,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "pass's tokens one at a time from its refined distributions")
     _add_mesh(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("demo", help="the ADJUST pipeline on the embedded defaults: synthetic "
+                                    "SER/NLL and tiny-pydocs MAUVE vs tokens per pass")
+    p.add_argument("--out", default="results/demo", help="output directory")
+    p.add_argument("--quick", action="store_true", help="smaller synthetic part (K = 1 and 4)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("adjust", help="ADJUST joint sampler: exact trajectories, training")
     asub = p.add_subparsers(dest="adjust_command", required=True, metavar="COMMAND")

@@ -1,31 +1,16 @@
 """ADJUST against marginal sampling on a language with exactly known probabilities.
 
-Runs the whole pipeline of `experiments/adjust_synthetic.py` (train a tiny MDLM, sample exact
-trajectories, train ADJUST, sample) on its small configuration: at 4 tokens per forward pass
-ADJUST must at least halve the sequence error rate of marginal (parallel) sampling and land
-closer to exact sampling's true-distribution NLL.
+Runs the whole pipeline of `experiments/adjust_synthetic.py` (`jdlm.demo.run_synthetic`: train a
+tiny MDLM, sample exact trajectories, train ADJUST, sample) on its small configuration: at 4
+tokens per forward pass ADJUST must at least halve the sequence error rate of marginal
+(parallel) sampling and land closer to exact sampling's true-distribution NLL.
 """
 
-import importlib.util
-import sys
-from pathlib import Path
-
-import pytest
-
-EXPERIMENT = Path(__file__).resolve().parents[1] / "experiments" / "adjust_synthetic.py"
+from jdlm.demo import QUICK, run_synthetic
 
 
-@pytest.fixture(scope="module")
-def experiment():
-    spec = importlib.util.spec_from_file_location("adjust_synthetic", EXPERIMENT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_adjust_beats_marginal_sampling_at_four_tokens_per_pass(experiment, tmp_path):
-    rows = experiment.run(experiment.QUICK, tmp_path, progress=False)
+def test_adjust_beats_marginal_sampling_at_four_tokens_per_pass(tmp_path):
+    rows = run_synthetic(QUICK, tmp_path, progress=False)
     by = {(r["k"], r["method"]): r for r in rows}
     exact, marginal, adjust = by[1, "exact"], by[4, "marginal"], by[4, "adjust"]
     assert marginal["ser"] > 0.3, "the language must make parallel sampling fail visibly"
