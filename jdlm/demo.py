@@ -261,6 +261,9 @@ def run_pydocs(setup: PydocsSetup, out: Path, *, model_dir: Path | None = None,
         from jdlm.eval.judge import jdlm_judge, judge_nll
 
         judge = jdlm_judge(jdlm.load(judge_dir))
+    else:
+        print(f"(no autoregressive judge at {judge_dir}: `jdlm train --preset tiny-pydocs "
+              "--objective ar` adds the judge-NLL column)")
     rows = []
     for (method, k), texts in sets.items():
         score = compute_mauve(reference, texts, featurizer=setup.featurizer, seed=setup.seed)
