@@ -11,11 +11,19 @@ remote code does; jdlm is one XLA program (`jdlm.generate`, faithful=True).
 Reports generated tokens per second, forward passes per generated token and milliseconds per
 pass (median of --repeats timed runs after one warm-up), the jdlm/PyTorch ratio, and writes
 results/bench_generate.{json,md}. Goal (issue 4): jdlm >= 3x the PyTorch loop on CPU.
+
+A second table sets the cost of one ADJUST micro-step (jdlm.adjust, reference/ADJUST.md §4) against
+one base forward pass over the same canvas: wall time on the tiny model, and FLOPs from XLA's cost
+analysis next to a count by hand, on the tiny model and on Dream-7B's shapes (batch 1, a BOS prompt
+and 127 generated tokens, the paper's unconditional setting; compiled from abstract shapes only).
+The output head is counted on the active block only, as generate() applies it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import platform
@@ -26,14 +34,21 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import torch
+from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from hf_reference import make_dream  # noqa: E402
 
 import jdlm  # noqa: E402
 from jdlm import SamplerConfig  # noqa: E402
+from jdlm.adjust import AdjustConfig, AdjustLayer, TrainedAdjust, joint_sampler  # noqa: E402
+from jdlm.config import ModelConfig  # noqa: E402
+from jdlm.model import Model, abstract_transformer  # noqa: E402
+
+DREAM_7B = Path(jdlm.__file__).parent / "configs" / "dream-v0-base-7b.json"
 
 
 @torch.no_grad()
@@ -79,6 +94,110 @@ def interleaved_medians(fns, repeats):
         for fn, out in zip(fns, times):
             out.append(seconds(fn))
     return [statistics.median(t) for t in times]
+
+
+@contextlib.contextmanager
+def unrolled_scans():
+    """XLA's cost analysis counts a while loop's body once; unrolled, the scan over the base
+    layers is counted once per layer."""
+    scan = jax.lax.scan
+    jax.lax.scan = functools.partial(scan, unroll=True)
+    try:
+        yield
+    finally:
+        jax.lax.scan = scan
+
+
+def xla_flops(fn, *args) -> float:
+    """FLOPs of `fn(*args)` by XLA's cost analysis; args may be `jax.ShapeDtypeStruct`s."""
+    with unrolled_scans():
+        # A fresh function, so that no trace cached outside the context (scan rolled) is reused.
+        cost = jax.jit(lambda *a: fn(*a)).lower(*args).compile().cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost)["flops"]  # one dict per device in a list
+
+
+def analytic_flops(cfg: ModelConfig, batch: int, length: int, block: int) -> dict:
+    """By hand: 2 x weights x tokens for every matmul, plus attention (QK^T and AV, 4 x heads x
+    head_dim x length^2 per row); norms, softmax and rotary are left out. what -> (base, micro)."""
+    d, hd = cfg.hidden_size, cfg.head_dim
+    weights = d * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) * hd + 3 * d * cfg.intermediate_size
+    layer = 2 * batch * length * weights + 4 * batch * cfg.num_heads * hd * length**2
+    base, micro = cfg.num_layers * layer, layer + 2 * batch * length * 2 * d * d  # + Linear(2H->H)
+    head = 2 * batch * block * d * cfg.vocab_size
+    return {"body": (base, micro), "body + head on block": (base + head, micro + head)}
+
+
+def cost_programs(model: Model, layer: AdjustLayer, block: int):
+    """The base pass and one ADJUST micro-step over a canvas, alone ("body") and followed by the
+    output head on the active block (generate() projects only the block).
+
+    Returns (what -> (base(state, canvas, mask), micro(params, canvas, hidden, mask)), params).
+    """
+    trained = TrainedAdjust(AdjustConfig(), nnx.to_pure_dict(nnx.state(layer, nnx.Param)), {})
+    step, params = joint_sampler(trained, model)
+
+    def base(state, canvas, mask):
+        # The logits over the whole canvas are unused, so XLA drops them, as in generate().
+        return nnx.merge(model.graphdef, state)(canvas, mask, return_hidden=True)[1]
+
+    def micro(p, canvas, hidden, mask):
+        return step(p, canvas, hidden, mask, 0)
+
+    def head(state, hidden):
+        return nnx.merge(model.graphdef, state).head(hidden[:, -block:])
+
+    return {"body": (base, micro),
+            "body + head on block": (lambda s, c, m: head(s, base(s, c, m)),
+                                     lambda p, c, h, m: head(p[1], micro(p, c, h, m)))}, params
+
+
+def flop_rows(name: str, model: Model, layer: AdjustLayer, canvas, hidden, block: int) -> list:
+    """XLA and hand-counted FLOPs of base pass and micro-step; arrays or abstract shapes."""
+    programs, params = cost_programs(model, layer, block)
+    mask = jax.ShapeDtypeStruct(canvas.shape, jnp.int32)
+    rows = []
+    for what, (base, micro) in programs.items():
+        rows.append({"model": name, "what": f"GFLOP by XLA, {what}",
+                     "base": xla_flops(base, model.state, canvas, mask) / 1e9,
+                     "micro": xla_flops(micro, params, canvas, hidden, mask) / 1e9})
+    for what, (base, micro) in analytic_flops(model.config, *canvas.shape, block).items():
+        rows.append({"model": name, "what": f"GFLOP by hand, {what}", "base": base / 1e9,
+                     "micro": micro / 1e9})
+    return rows
+
+
+def adjust_cost(model: Model, canvas: np.ndarray, block: int, repeats: int) -> list[dict]:
+    """Rows (model, what, base, micro, ratio): time on the tiny model, FLOPs on it and on
+    Dream-7B's shapes. A fresh random layer: the cost does not depend on its weights."""
+    canvas = jnp.asarray(canvas, jnp.int32)
+    mask = jnp.ones_like(canvas)
+    layer = AdjustLayer(model.config, AdjustConfig(), rngs=nnx.Rngs(0), dtype=model.dtype)
+    programs, params = cost_programs(model, layer, block)
+    hidden = jax.jit(programs["body"][0])(model.state, canvas, mask)
+    rows = []
+    for what, (base, micro) in programs.items():
+        base, micro = jax.jit(base), jax.jit(micro)
+        calls = [lambda: jax.block_until_ready(base(model.state, canvas, mask)),
+                 lambda: jax.block_until_ready(micro(params, canvas, hidden, mask))]
+        for call in calls:
+            call()  # compile
+        base_s, micro_s = interleaved_medians(calls, repeats)
+        rows.append({"model": "tiny", "what": f"ms on {jax.devices()[0].platform}, {what}",
+                     "base": 1e3 * base_s, "micro": 1e3 * micro_s})
+    rows += flop_rows("tiny", model, layer, canvas, hidden, block)
+
+    cfg = ModelConfig.from_hf(DREAM_7B)
+    # float32, not the checkpoint's bf16: the matmul FLOPs are the same, but XLA:CPU converts
+    # bf16 weights to f32 and counts every converted element, the whole layer stack per layer
+    # (+12% on the base pass), which a bf16 accelerator does not do.
+    big = Model.from_module(abstract_transformer(cfg))
+    big_layer = nnx.eval_shape(lambda: AdjustLayer(cfg, AdjustConfig(), rngs=nnx.Rngs(0)))
+    length = 128  # BOS + 127 generated tokens
+    rows += flop_rows("Dream-7B", big, big_layer, jax.ShapeDtypeStruct((1, length), jnp.int32),
+                      jax.ShapeDtypeStruct((1, length, cfg.hidden_size), jnp.float32), length - 1)
+    for r in rows:
+        r["ratio"] = r["micro"] / r["base"]
+    return rows
 
 
 def main(argv=None) -> dict:
@@ -148,8 +267,19 @@ def main(argv=None) -> dict:
         lines.append(f"| {name} | {r['tokens_per_s']:.0f} | {r['forward_passes_per_token']:.2f} "
                      f"| {r['ms_per_step']:.2f} | {r['first_call_s']:.2f} |")
     lines += ["", f"jdlm / PyTorch speed ratio: {ratio:.1f}x (goal >= 3x)"]
+
+    canvas = np.concatenate([prompts, np.full((args.batch, args.gen_length), mask_id)], axis=1)
+    # Each call takes milliseconds: more samples than for a whole generation.
+    cost = adjust_cost(model, canvas, args.gen_length, 20 * args.repeats)
+    lines += ["", "One ADJUST micro-step against one base forward pass over the same canvas "
+              f"(tiny: as above; Dream-7B: batch 1, 128 tokens; time on {device})", "",
+              "| model | what | base pass | ADJUST micro-step | ratio |",
+              "|---|---|---:|---:|---:|"]
+    for r in cost:
+        lines.append(f"| {r['model']} | {r['what']} | {r['base']:.4g} | {r['micro']:.4g} "
+                     f"| {r['ratio']:.3f} |")
     print("\n".join(lines))
-    result = {"device": device, "setup": setup, "rows": rows, "ratio": ratio}
+    result = {"device": device, "setup": setup, "rows": rows, "ratio": ratio, "adjust_cost": cost}
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_generate.json").write_text(json.dumps(result, indent=2))

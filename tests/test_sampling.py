@@ -822,5 +822,9 @@ def test_bench_generate_prints_the_ratio(tmp_path, capsys):
     spec.loader.exec_module(bench)
     result = bench.main(["--batch", "2", "--gen-length", "8", "--steps", "8", "--repeats", "1",
                          "--out-dir", str(tmp_path)])
-    assert result["ratio"] > 0 and "jdlm / PyTorch speed ratio" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert result["ratio"] > 0 and "jdlm / PyTorch speed ratio" in out
+    assert "| ADJUST micro-step | ratio |" in out
+    costs = {(r["model"], r["what"]): r["ratio"] for r in result["adjust_cost"]}
+    assert 0 < costs[("Dream-7B", "GFLOP by XLA, body")] < 0.1
     assert (tmp_path / "bench_generate.md").is_file()
