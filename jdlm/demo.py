@@ -191,12 +191,11 @@ REPO_CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
 @dataclasses.dataclass(frozen=True)
 class PydocsSetup:
     gen_length: int = 48
-    trajectories: int = 768
-    adjust_steps: int = 400
+    trajectories: int = 1536
+    adjust_steps: int = 1500
     samples: int = 300
     k: int = 4
     seed: int = 0
-    featurizer: str = "all-MiniLM-L6-v2"
 
 
 def run_pydocs(setup: PydocsSetup, out: Path, *, model_dir: Path | None = None,
@@ -206,7 +205,7 @@ def run_pydocs(setup: PydocsSetup, out: Path, *, model_dir: Path | None = None,
     from jdlm.adjust import AdjustConfig, joint_sampler, load_adjust, train_adjust
     from jdlm.config import TrainConfig
     from jdlm.errors import JdlmError
-    from jdlm.eval.mauve import compute_mauve
+    from jdlm.eval.mauve import compute_mauve, get_featurizer
     from jdlm.sampling import SamplerConfig, generate
     from jdlm.sharding import make_mesh
     from jdlm.trajectories import exact_sampler, sample_trajectories
@@ -256,20 +255,31 @@ def run_pydocs(setup: PydocsSetup, out: Path, *, model_dir: Path | None = None,
                                         joint_sampler=joint, joint_params=joint_params)}
     timings["sampling_s"] = time.perf_counter() - start
 
+    # MAUVE on two featurizations: the offline MiniLM sentence encoder, and (when the judge
+    # exists) the autoregressive judge's own last-token features, which know the domain.
+    featurizers = ["all-MiniLM-L6-v2"]
     judge = None
     if (judge_dir / "jdlm.json").is_file():
         from jdlm.eval.judge import jdlm_judge, judge_nll
 
         judge = jdlm_judge(jdlm.load(judge_dir))
+        featurizers.append(f"jdlm:{judge_dir}")
     else:
         print(f"(no autoregressive judge at {judge_dir}: `jdlm train --preset tiny-pydocs "
-              "--objective ar` adds the judge-NLL column)")
+              "--objective ar` adds judge NLL and judge-feature MAUVE)")
+    features = {}
+    for name in featurizers:
+        featurize = get_featurizer(name)
+        features[name] = {key: featurize(texts) for key, texts in [("exact", reference), *sets.items()]}
     rows = []
     for (method, k), texts in sets.items():
-        score = compute_mauve(reference, texts, featurizer=setup.featurizer, seed=setup.seed)
         row = {"k": k, "method": method, "passes": math.ceil(setup.gen_length / k),
-               "mauve": score.mauve, "num_clusters": score.num_clusters,
-               "samples": score.num_q, "featurizer": score.featurizer}
+               "samples": len(texts)}
+        for name in featurizers:
+            score = compute_mauve(features[name]["exact"], features[name][method, k],
+                                  featurizer=_identity, seed=setup.seed)
+            row["mauve_minilm" if name == featurizers[0] else "mauve_judge"] = score.mauve
+            row["num_clusters"] = score.num_clusters
         if judge is not None:
             row["judge_nll"] = judge_nll(texts, judge).nll
         rows.append(row)
@@ -277,13 +287,20 @@ def run_pydocs(setup: PydocsSetup, out: Path, *, model_dir: Path | None = None,
     return rows
 
 
+def _identity(features):
+    """Features computed once per set, shared by every MAUVE comparison."""
+    return np.asarray(features)
+
+
 def _write_pydocs(out: Path, setup: PydocsSetup, rows, timings, reference, sets) -> None:
-    has_nll = "judge_nll" in rows[0]
-    head = "| tokens per pass | method | passes | MAUVE vs exact |" + (" judge NLL |" if has_nll else "")
-    lines = [head, "|---|---|---|---|" + ("---|" if has_nll else "")]
+    columns = [("mauve_minilm", "MAUVE vs exact (MiniLM)"), ("mauve_judge", "MAUVE vs exact "
+               "(judge features)"), ("judge_nll", "judge NLL / token")]
+    columns = [(key, title) for key, title in columns if key in rows[0]]
+    lines = ["| tokens per pass | method | passes | " + " | ".join(t for _, t in columns) + " |",
+             "|---|---|---|" + "---|" * len(columns)]
     for r in rows:
-        nll = f" {r['judge_nll']:.3f} |" if has_nll else ""
-        lines.append(f"| {r['k']} | {r['method']} | {r['passes']} | {r['mauve']:.3f} |{nll}")
+        lines.append(f"| {r['k']} | {r['method']} | {r['passes']} | "
+                     + " | ".join(f"{r[key]:.3f}" for key, _ in columns) + " |")
     table = "\n".join(lines)
     (out / "table.md").write_text(table + "\n")
     examples = {f"{m} (K={k})": texts[:3] for (m, k), texts in sets.items()}
@@ -296,11 +313,17 @@ def _write_pydocs(out: Path, setup: PydocsSetup, rows, timings, reference, sets)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = plt.subplots(figsize=(7, 3.5))
     labels = [f"{r['method']}\nK={r['k']}" for r in rows]
-    ax.bar(labels, [r["mauve"] for r in rows], color=["gray", "tab:red", "tab:blue"][: len(rows)])
+    keys = [key for key, _ in columns if key.startswith("mauve")]
+    width = 0.8 / len(keys)
+    for j, key in enumerate(keys):
+        ax.bar(np.arange(len(rows)) + j * width, [r[key] for r in rows], width,
+               label=dict(columns)[key].removeprefix("MAUVE vs exact "))
+    ax.set_xticks(np.arange(len(rows)) + width * (len(keys) - 1) / 2, labels)
     ax.set(ylabel="MAUVE vs exact samples", ylim=(0, 1.05),
            title=f"tiny-pydocs, {setup.samples} samples of {setup.gen_length} tokens")
+    ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(out / "adjust_pydocs.png", dpi=120)
     plt.close(fig)

@@ -85,9 +85,41 @@ def causal_lm_featurizer(name_or_path: str, batch_size: int = 8,
     return featurize
 
 
+def jdlm_featurizer(path: str, batch_size: int = 32) -> Featurizer:
+    """The final hidden state at the last token of a jdlm model run causally (e.g. the tiny
+    autoregressive judge trained with `--objective ar`): MAUVE's gpt2 featurization, for models
+    of jdlm's own, whose features know their training domain."""
+    from jdlm.checkpoint import load
+
+    model = load(path)
+    tok = model.tokenizer
+    width = model.config.max_position_embeddings
+
+    def featurize(texts: Sequence[str]) -> np.ndarray:
+        feats = []
+        for start in range(0, len(texts), batch_size):
+            ids = [[model.config.bos_token_id] + tok(t, add_special_tokens=False)["input_ids"]
+                   for t in texts[start:start + batch_size]]
+            ids = [row[:width] for row in ids]
+            tokens = np.full((len(ids), width), model.config.pad_token_id, np.int32)
+            mask = np.zeros_like(tokens)
+            for i, row in enumerate(ids):
+                tokens[i, :len(row)], mask[i, :len(row)] = row, 1
+            _, hidden = model.logits_and_hidden(tokens, mask, causal=True)
+            last = mask.sum(axis=1) - 1
+            feats.append(np.asarray(hidden)[np.arange(len(ids)), last])
+        return np.concatenate(feats).astype(np.float32)
+
+    featurize.__name__ = f"jdlm:{path}"
+    return featurize
+
+
 def get_featurizer(name: str) -> Featurizer:
+    """`all-MiniLM-L6-v2`, `jdlm:PATH` (a jdlm model, run causally), or a transformers model."""
     if name == DEFAULT_FEATURIZER:
         return minilm_featurizer()
+    if name.startswith("jdlm:"):
+        return jdlm_featurizer(name.removeprefix("jdlm:"))
     return causal_lm_featurizer(name)
 
 
