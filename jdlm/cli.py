@@ -1,4 +1,7 @@
-"""The `jdlm` command. Each subcommand is one function `cmd_<name>(args)` plus its parser."""
+"""jdlm: masked diffusion LMs (Dream, LLaDA) in JAX: convert, train, sample, ADJUST, evaluate.
+
+Each subcommand is one function `cmd_<name>(args)` plus its parser in `build_parser()`.
+"""
 
 from __future__ import annotations
 
