@@ -48,24 +48,18 @@ def _check(model, ref, family, tokens, mask):
         np.testing.assert_array_less(np.abs(got - want).max(), TOL)
 
 
-@pytest.mark.parametrize("name", list(DREAM_CASES))
-def test_dream_parity(tmp_path, name):
-    kwargs = DREAM_CASES[name]
-    ref = make_dream(tmp_path / "hf", **kwargs)
-    assert cli(["convert", str(tmp_path / "hf"), str(tmp_path / "jdlm")]) == 0
-    model = jdlm.load(tmp_path / "jdlm", dtype="float32")
-    assert model.config.family == "dream" and model.config.logit_shift == 1
-    _check(model, ref, "dream", *_inputs(64))
+CASES = [("dream", make_dream, name, kw) for name, kw in DREAM_CASES.items()] + [
+    ("llada", make_llada, name, kw) for name, kw in LLADA_CASES.items()]
 
 
-@pytest.mark.parametrize("name", list(LLADA_CASES))
-def test_llada_parity(tmp_path, name):
-    kwargs = LLADA_CASES[name]
-    ref = make_llada(tmp_path / "hf", **kwargs)
+@pytest.mark.parametrize("family,make,name,kwargs", CASES, ids=[f"{c[0]}-{c[2]}" for c in CASES])
+def test_parity_through_jdlm_convert(tmp_path, family, make, name, kwargs):
+    ref = make(tmp_path / "hf", **kwargs)
     assert cli(["convert", str(tmp_path / "hf"), str(tmp_path / "jdlm")]) == 0
     model = jdlm.load(tmp_path / "jdlm", dtype="float32")
-    assert model.config.family == "llada" and model.config.logit_shift == 0
-    _check(model, ref, "llada", *_inputs(64, seed=1))
+    assert model.config.family == family
+    assert model.config.logit_shift == (1 if family == "dream" else 0)
+    _check(model, ref, family, *_inputs(64, seed=0 if family == "dream" else 1))
 
 
 def test_hf_directory_loads_directly(tmp_path):
