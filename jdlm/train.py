@@ -286,7 +286,6 @@ def train(
         manager = ocp.CheckpointManager(
             run_dir / "checkpoints",
             options=ocp.CheckpointManagerOptions(max_to_keep=tc.keep,
-                                                 save_interval_steps=tc.save_every,
                                                  enable_async_checkpointing=True))
         start = manager.latest_step() or 0
         _check_resume(run_dir, tc, start)
@@ -344,8 +343,9 @@ def train(
                     log.flush()
                 bar.update()
                 # The last step is always kept, so a finished run is complete and extendable.
-                manager.save(step, args=_save_args(state, data),
-                             force=preempt.requested or step == tc.steps)
+                # Deciding here (not in Orbax) skips Orbax's extra save at a run's first step.
+                if step % tc.save_every == 0 or step == tc.steps or preempt.requested:
+                    manager.save(step, args=_save_args(state, data), force=True)
                 if preempt.requested:
                     break
             manager.wait_until_finished()
