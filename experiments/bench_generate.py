@@ -7,6 +7,11 @@ on a tiny random Dream checkpoint. The reference is transformers' Qwen2 run bidi
 remote code does; jdlm is one XLA program (`jdlm.generate`, faithful=True).
 
     python experiments/bench_generate.py [--batch 8] [--gen-length 64] [--steps 64]
+    python experiments/bench_generate.py --model dream-7b     # on a GPU: Dream-7B's shapes
+
+With `--model dream-7b` both sides get the same random bf16 weights with Dream-v0-Base-7B's
+shapes, built on the GPU by transformers and handed to jdlm through DLPack (no files), and the
+reference runs with SDPA attention as Dream's own modeling code does; jdlm uses cuDNN attention.
 
 Reports generated tokens per second, forward passes per generated token and milliseconds per
 pass (median of --repeats timed runs after one warm-up), the jdlm/PyTorch ratio, and writes
@@ -33,11 +38,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import torch
-from flax import nnx
+# JAX takes 75% of a GPU by default; the PyTorch reference shares the card.
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from flax import nnx  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from hf_reference import make_dream  # noqa: E402
@@ -45,10 +54,13 @@ from hf_reference import make_dream  # noqa: E402
 import jdlm  # noqa: E402
 from jdlm import SamplerConfig  # noqa: E402
 from jdlm.adjust import AdjustConfig, AdjustLayer, TrainedAdjust, joint_sampler  # noqa: E402
+from jdlm.checkpoint import from_state_dict  # noqa: E402
 from jdlm.config import ModelConfig  # noqa: E402
 from jdlm.model import Model, abstract_transformer  # noqa: E402
 
 DREAM_7B = Path(jdlm.__file__).parent / "configs" / "dream-v0-base-7b.json"
+DREAM_7B_CANVAS = 128  # ADJUST's cost at 7B: batch 1, BOS + 127 generated tokens (the paper's)
+DEVICE = "cuda" if jax.default_backend() == "gpu" else "cpu"
 
 
 @torch.no_grad()
@@ -56,7 +68,7 @@ def dream_sample_torch(model, input_ids, mask_id, gen_length, steps, temperature
     """Dream's `_sample` loop (alg="entropy", alg_temp=None, no padding), eager PyTorch."""
     x = torch.nn.functional.pad(input_ids, (0, gen_length), value=mask_id)
     b, n = x.shape
-    bidirectional = torch.zeros(b, 1, n, n)  # additive 4-D mask: attend everywhere
+    bidirectional = torch.zeros(b, 1, n, n, device=x.device, dtype=model.dtype)  # attend everywhere
     timesteps = torch.linspace(1, eps, steps + 1)
     for i in range(steps):
         mask_index = x == mask_id
@@ -78,7 +90,36 @@ def dream_sample_torch(model, input_ids, mask_id, gen_length, steps, temperature
             x_[mask_index] = x0.clone()
             row_indices = torch.arange(b).unsqueeze(1).expand_as(transfer_index)
             x[row_indices, transfer_index] = x_[row_indices, transfer_index]
+    if x.is_cuda:
+        torch.cuda.synchronize()
     return x
+
+
+def tiny_pair(args, tmp: Path):
+    """A random tiny Dream checkpoint: (transformers model, jdlm model), same weights."""
+    torch_model = make_dream(tmp / "dream", hidden=args.hidden, heads=4, kv_heads=2,
+                             layers=args.layers, vocab=args.vocab, intermediate=3 * args.hidden)
+    return torch_model.to(DEVICE), jdlm.load(tmp / "dream")
+
+
+def dream_7b_pair():
+    """Random bf16 weights with Dream-v0-Base-7B's shapes, built where the benchmark runs."""
+    cfg = ModelConfig.from_hf(DREAM_7B)
+    qwen2 = transformers.Qwen2Config(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        rms_norm_eps=cfg.norm_eps, max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=False, use_sliding_window=False, attn_implementation="sdpa")
+    qwen2.rope_parameters = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(DEVICE):
+            torch_model = transformers.Qwen2ForCausalLM(qwen2).eval()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    tensors = {k: jax.dlpack.from_dlpack(v.detach()) for k, v in torch_model.state_dict().items()}
+    return torch_model, from_state_dict(cfg, tensors)
 
 
 def seconds(fn) -> float:
@@ -180,9 +221,11 @@ def flop_rows(name: str, model: Model, layer: AdjustLayer, canvas, hidden, block
     return rows
 
 
-def adjust_cost(model: Model, canvas: np.ndarray, block: int, repeats: int) -> list[dict]:
-    """Rows (model, what, base, micro, ratio): time on the tiny model, FLOPs on it and on
-    Dream-7B's shapes. A fresh random layer: the cost does not depend on its weights."""
+def adjust_cost(model: Model, name: str, canvas: np.ndarray, block: int, repeats: int) -> list:
+    """Rows (model, what, base, micro, ratio): time and FLOPs of `model`, plus XLA's FLOPs on
+    Dream-7B's shapes when `model` is not Dream-7B itself (compiled from abstract shapes; the
+    counts do not depend on the device). A fresh random layer: the cost does not depend on its
+    weights."""
     canvas = jnp.asarray(canvas, jnp.int32)
     mask = jnp.ones_like(canvas)
     layer = AdjustLayer(model.config, AdjustConfig(), rngs=nnx.Rngs(0), dtype=model.dtype)
@@ -196,19 +239,24 @@ def adjust_cost(model: Model, canvas: np.ndarray, block: int, repeats: int) -> l
         for call in calls:
             call()  # compile
         base_s, micro_s = interleaved_medians(calls, repeats)
-        rows.append({"model": "tiny", "what": f"ms on {jax.devices()[0].platform}, {what}",
+        rows.append({"model": name, "what": f"ms on {jax.devices()[0].platform}, {what}",
                      "base": 1e3 * base_s, "micro": 1e3 * micro_s})
-    rows += flop_rows("tiny", model, layer, canvas, hidden, block)
-
-    cfg = ModelConfig.from_hf(DREAM_7B)
-    # float32, not the checkpoint's bf16: the matmul FLOPs are the same, but XLA:CPU converts
-    # bf16 weights to f32 and counts every converted element, the whole layer stack per layer
-    # (+12% on the base pass), which a bf16 accelerator does not do.
-    big = Model.from_module(abstract_transformer(cfg))
-    big_layer = nnx.eval_shape(lambda: AdjustLayer(cfg, AdjustConfig(), rngs=nnx.Rngs(0)))
-    length = 128  # BOS + 127 generated tokens
-    rows += flop_rows("Dream-7B", big, big_layer, jax.ShapeDtypeStruct((1, length), jnp.int32),
-                      jax.ShapeDtypeStruct((1, length, cfg.hidden_size), jnp.float32), length - 1)
+    if name == "Dream-7B":  # XLA's count of 28 unrolled 7B layers costs minutes of compiling
+        for what, (base, micro) in analytic_flops(model.config, *canvas.shape, block).items():
+            rows.append({"model": name, "what": f"GFLOP by hand, {what}", "base": base / 1e9,
+                         "micro": micro / 1e9})
+    else:
+        rows += flop_rows(name, model, layer, canvas, hidden, block)
+        cfg = ModelConfig.from_hf(DREAM_7B)
+        # float32, not the checkpoint's bf16: the matmul FLOPs are the same, but XLA:CPU
+        # converts bf16 weights to f32 and counts every converted element, the whole layer
+        # stack per layer (+12% on the base pass), which a bf16 accelerator does not do.
+        big = Model.from_module(abstract_transformer(cfg))
+        big_layer = nnx.eval_shape(lambda: AdjustLayer(cfg, AdjustConfig(), rngs=nnx.Rngs(0)))
+        length = DREAM_7B_CANVAS
+        rows += flop_rows("Dream-7B", big, big_layer, jax.ShapeDtypeStruct((1, length), jnp.int32),
+                          jax.ShapeDtypeStruct((1, length, cfg.hidden_size), jnp.float32),
+                          length - 1)
     for r in rows:
         r["ratio"] = r["micro"] / r["base"]
     return rows
@@ -216,37 +264,48 @@ def adjust_cost(model: Model, canvas: np.ndarray, block: int, repeats: int) -> l
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--prompt-length", type=int, default=16)
-    ap.add_argument("--gen-length", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--model", choices=["tiny", "dream-7b"], default="tiny",
+                    help="tiny: a random tiny Dream checkpoint (the CPU benchmark); dream-7b: "
+                         "random bf16 weights with Dream-v0-Base-7B's shapes (needs a GPU)")
+    ap.add_argument("--batch", type=int, default=None, help="default 8 (tiny), 1 (dream-7b)")
+    ap.add_argument("--prompt-length", type=int, default=None, help="default 16 (tiny), 64 (7B)")
+    ap.add_argument("--gen-length", type=int, default=None, help="default 64 (tiny), 256 (7B)")
+    ap.add_argument("--steps", type=int, default=None, help="default: --gen-length")
     ap.add_argument("--temperature", type=float, default=0.2)
-    ap.add_argument("--hidden", type=int, default=64)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--vocab", type=int, default=512)
+    ap.add_argument("--hidden", type=int, default=64, help="tiny model only")
+    ap.add_argument("--layers", type=int, default=2, help="tiny model only")
+    ap.add_argument("--vocab", type=int, default=512, help="tiny model only")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--torch-threads", type=int, default=None,
                     help="torch intra-op threads (default: torch's choice); on a CPU shared with "
                          "other jobs, 1 avoids torch's thread contention")
     ap.add_argument("--out-dir", default="results")
     args = ap.parse_args(argv)
+    big = args.model == "dream-7b"
+    if big and DEVICE != "cuda":
+        ap.error("--model dream-7b needs a CUDA GPU (15 GB of bf16 weights, twice)")
+    args.batch = args.batch or (1 if big else 8)
+    args.prompt_length = args.prompt_length or (64 if big else 16)
+    args.gen_length = args.gen_length or (256 if big else 64)
+    args.steps = args.steps or args.gen_length
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        torch_model = make_dream(Path(tmp) / "dream", hidden=args.hidden, heads=4, kv_heads=2,
-                                 layers=args.layers, vocab=args.vocab,
-                                 intermediate=3 * args.hidden)
-        model = jdlm.load(Path(tmp) / "dream")
+    if big:
+        torch_model, model = dream_7b_pair()
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            torch_model, model = tiny_pair(args, Path(tmp))
+    vocab = model.config.vocab_size
     mask_id = model.config.mask_token_id
     rng = np.random.default_rng(0)
-    prompts = rng.integers(0, args.vocab - 3, size=(args.batch, args.prompt_length))
+    prompts = rng.integers(0, min(vocab - 3, mask_id), size=(args.batch, args.prompt_length))
     config = SamplerConfig(gen_length=args.gen_length, steps=args.steps, order="entropy",
                            schedule="dream", temperature=args.temperature, faithful=True)
     generated = args.batch * args.gen_length
 
     seeds = iter(range(10**6))
-    input_ids = torch.as_tensor(prompts, dtype=torch.long)
+    input_ids = torch.as_tensor(prompts, dtype=torch.long, device=DEVICE)
     torch.manual_seed(0)
 
     def run_jdlm():
@@ -269,26 +328,40 @@ def main(argv=None) -> dict:
         r["forward_passes_per_token"] = args.steps / args.gen_length
         r["ms_per_step"] = 1e3 * r["seconds"] / args.steps
     ratio = torch_s / jdlm_s
-    device = (f"{jax.devices()[0].device_kind} ({platform.processor() or platform.machine()}), "
-              f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
-              f"load average {os.getloadavg()[0]:.1f} (other processes share these cores)")
-    setup = (f"tiny Dream (hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}), "
-             f"batch {args.batch}, prompt {args.prompt_length}, gen {args.gen_length}, "
-             f"steps {args.steps}, alg entropy, T {args.temperature}")
+    if DEVICE == "cuda":
+        device = (f"{jax.devices()[0].device_kind}, JAX {jax.__version__}, "
+                  f"torch {torch.__version__}")
+    else:
+        device = (f"{jax.devices()[0].device_kind} ({platform.processor() or platform.machine()}), "
+                  f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
+                  f"load average {os.getloadavg()[0]:.1f} (other processes share these cores)")
+    model_name = ("Dream-7B shapes, random bf16 weights" if big else
+                  f"tiny Dream (hidden {args.hidden}, {args.layers} layers, vocab {args.vocab})")
+    setup = (f"{model_name}, batch {args.batch}, prompt {args.prompt_length}, "
+             f"gen {args.gen_length}, steps {args.steps}, alg entropy, T {args.temperature}")
     lines = [f"device: {device}", f"setup: {setup}", "",
              "| implementation | tokens/s | forward passes/token | ms/step | first call s |",
              "|---|---:|---:|---:|---:|"]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['tokens_per_s']:.0f} | {r['forward_passes_per_token']:.2f} "
                      f"| {r['ms_per_step']:.2f} | {r['first_call_s']:.2f} |")
-    lines += ["", f"jdlm / PyTorch speed ratio: {ratio:.1f}x (goal >= 3x); "
-              f"{alternated[1] / alternated[0]:.1f}x with the two alternated run by run"]
+    lines += ["", f"jdlm / PyTorch speed ratio: {ratio:.2f}x"
+              f"{' (goal >= 3x)' if not big else ''}; "
+              f"{alternated[1] / alternated[0]:.2f}x with the two alternated run by run"]
 
-    canvas = np.concatenate([prompts, np.full((args.batch, args.gen_length), mask_id)], axis=1)
+    if big:  # the paper's unconditional setting for the micro-step's cost
+        del torch_model
+        torch.cuda.empty_cache()
+        block = DREAM_7B_CANVAS - 1
+        canvas = np.concatenate([[[model.config.bos_token_id]], np.full((1, block), mask_id)], 1)
+    else:
+        block = args.gen_length
+        canvas = np.concatenate([prompts, np.full((args.batch, block), mask_id)], axis=1)
     # Each call takes milliseconds: more samples than for a whole generation.
-    cost = adjust_cost(model, canvas, args.gen_length, 20 * args.repeats)
+    cost = adjust_cost(model, "Dream-7B" if big else "tiny", canvas, block, 20 * args.repeats)
     lines += ["", "One ADJUST micro-step against one base forward pass over the same canvas "
-              f"(tiny: as above; Dream-7B: batch 1, 128 tokens; time on {device})", "",
+              f"({'batch 1, 128 tokens' if big else 'tiny: as above; Dream-7B: batch 1, 128 tokens'}"
+              f"; time on {device})", "",
               "| model | what | base pass | ADJUST micro-step | ratio |",
               "|---|---|---:|---:|---:|"]
     for r in cost:
@@ -298,10 +371,10 @@ def main(argv=None) -> dict:
     result = {"device": device, "setup": setup, "rows": rows, "ratio": ratio, "adjust_cost": cost}
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_generate.json").write_text(json.dumps(result, indent=2))
-    (out / "bench_generate.md").write_text("\n".join(lines) + "\n")
+    stem = "bench_generate" + ("_dream7b" if big else "")
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     return result
-
 
 if __name__ == "__main__":
     main()

@@ -18,13 +18,14 @@ loading stacks them into the `layers` axis directly on the devices.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -361,6 +362,24 @@ def load(path: str | Path, *, dtype=None, mesh=None, attn_impl: str | None = Non
     return params.model(metadata=meta, mesh=mesh, attn_impl=attn_impl, path=str(path))
 
 
+def from_state_dict(cfg: ModelConfig, tensors: Mapping[str, Any], *, dtype=None, mesh=None,
+                    attn_impl: str | None = None) -> Model:
+    """An HF state dict held in memory (HF key -> numpy or jax array, e.g. a torch model's tensors
+    passed through `jax.dlpack.from_dlpack`) as a Model, tensor by tensor onto its shardings."""
+    mesh = mesh if isinstance(mesh, jax.sharding.Mesh) else make_mesh(mesh)
+    plan = tensor_plan(cfg)
+    missing = [t.hf_key for t in plan if t.hf_key not in tensors]
+    if missing:
+        raise JdlmError(f"{len(missing)} tensor(s) missing from the state dict for a {cfg.family} "
+                        f"model with {cfg.num_layers} layers, e.g. {missing[:3]}")
+    target = _dtype(dtype) or np.dtype(tensors[plan[0].hf_key].dtype)
+    params = _DeviceParams(cfg, mesh, target)
+    for t in plan:
+        params.put(t.name, t.layer, t.to_jdlm(tensors[t.hf_key]).astype(target))
+    return params.model(metadata={"family": cfg.family, "dtype": str(target)}, mesh=mesh,
+                        attn_impl=attn_impl)
+
+
 def _group_dirs(cfg: ModelConfig) -> list[tuple[str, int | None]]:
     """Parameter groups in write order: the two big tables at the ends, layers in between."""
     tail = [] if cfg.tie_embeddings else [("lm_head", None)]
@@ -369,15 +388,18 @@ def _group_dirs(cfg: ModelConfig) -> list[tuple[str, int | None]]:
 
 
 class _GroupWriter:
-    """Writes parameter groups as uncompressed Orbax checkpoints, one in flight at a time.
+    """Writes parameter groups as uncompressed Orbax checkpoints, up to `parallel` in flight.
 
-    Each write runs in the background while the next group is read, unless the two together
-    would exceed `overlap_bytes` (then the write is awaited first), which bounds host memory.
-    Compression is off: weights are incompressible and zstd would make conversion CPU-bound.
-    Callers must not modify a tree after handing it to `write`.
+    Each write runs in the background while the next groups are read; before a new group is
+    read, the oldest writes are awaited until all in flight fit in `overlap_bytes`, which bounds
+    host memory. Compression is off: weights are incompressible and zstd would make conversion
+    CPU-bound. Chunks of up to 256 MiB keep every layer tensor in one contiguous chunk (smaller
+    ones split the last axis of some and cost a strided copy) while the embedding tables split
+    into row blocks, so a sharded load reads a bounded piece at a time. Callers must not modify
+    a tree after handing it to `write`.
     """
 
-    def __init__(self, root: Path, overlap_bytes: int = 2**30):
+    def __init__(self, root: Path, overlap_bytes: int = 2**31, parallel: int = 2):
         import orbax.checkpoint as ocp
 
         self.ocp, self.root, self.overlap_bytes = ocp, root, overlap_bytes
@@ -386,29 +408,38 @@ class _GroupWriter:
         registry = ocp.type_handlers.create_type_handler_registry(
             (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
             (jax.Array, ocp.type_handlers.get_type_handler(jax.Array)))
-        self.ckpt = ocp.AsyncCheckpointer(ocp.PyTreeCheckpointHandler(
-            use_compression=False, type_handler_registry=registry))
-        self.in_flight = 0
+        self.free = [ocp.AsyncCheckpointer(ocp.PyTreeCheckpointHandler(
+            use_compression=False, type_handler_registry=registry)) for _ in range(parallel)]
+        self.in_flight: collections.deque = collections.deque()  # (checkpointer, bytes), oldest first
+
+    def _await_oldest(self) -> None:
+        ckpt, _ = self.in_flight.popleft()
+        ckpt.wait_until_finished()
+        self.free.append(ckpt)
 
     def reserve(self, nbytes: int) -> None:
-        if self.in_flight and self.in_flight + nbytes > self.overlap_bytes:
-            self.ckpt.wait_until_finished()
-            self.in_flight = 0
+        while self.in_flight and (not self.free or nbytes + sum(
+                b for _, b in self.in_flight) > self.overlap_bytes):
+            self._await_oldest()
 
     def write(self, name: str, layer: int | None, tree: dict[str, np.ndarray]) -> None:
-        self.ckpt.wait_until_finished()
-        save_args = {k: self.ocp.SaveArgs(chunk_byte_size=64 * 2**20) for k in tree}
-        self.ckpt.save(_group_path(self.root, name, layer),
-                       args=self.ocp.args.PyTreeSave(tree, save_args=save_args))
-        self.in_flight = sum(a.nbytes for a in tree.values())
+        if not self.free:
+            self._await_oldest()
+        ckpt = self.free.pop()
+        save_args = {k: self.ocp.SaveArgs(chunk_byte_size=256 * 2**20) for k in tree}
+        ckpt.save(_group_path(self.root, name, layer),
+                  args=self.ocp.args.PyTreeSave(tree, save_args=save_args))
+        self.in_flight.append((ckpt, sum(a.nbytes for a in tree.values())))
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
-        # Also on errors: a background write must finish before its directory is removed.
-        self.ckpt.wait_until_finished()
-        self.ckpt.close()
+        # Also on errors: background writes must finish before their directory is removed.
+        while self.in_flight:
+            self._await_oldest()
+        for ckpt in self.free:
+            ckpt.close()
 
 
 def _group_path(root: Path, name: str, layer: int | None) -> Path:

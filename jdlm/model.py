@@ -82,6 +82,18 @@ def attention_inputs(
     return positions, mask
 
 
+def attention_impl(requested: str | None, dtype, head_dim: int) -> str | None:
+    """`jax.nn.dot_product_attention`'s implementation: the requested one, else cuDNN's fused
+    flash attention on GPUs where it applies (bf16/fp16, head_dim a multiple of 8 up to 128),
+    else XLA. "xla" forces XLA everywhere."""
+    if requested is not None:
+        return requested
+    if (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+            and head_dim % 8 == 0 and head_dim <= 128):
+        return "cudnn"
+    return "xla"
+
+
 def decoder_layer(
     p: dict[str, Array],
     x: Float[Array, "b l d"],
@@ -98,7 +110,8 @@ def decoder_layer(
     if cfg.qkv_bias:
         q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
     q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-    o = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=attn_impl)
+    o = jax.nn.dot_product_attention(q, k, v, mask=mask,
+                                     implementation=attention_impl(attn_impl, q.dtype, q.shape[-1]))
     x = x + jnp.einsum("blnh,dnh->bld", o, p["o"])
     x = constrain(x, ("batch", "length", None))
     h = rms_norm(x, p["mlp_norm"], cfg.norm_eps)

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 import jdlm
+from jdlm.checkpoint import from_state_dict
 from jdlm.cli import main as cli
+from jdlm.errors import JdlmError
 from hf_reference import make_dream, make_llada, reference_logits
 
 TOL = 1e-4
@@ -92,3 +94,15 @@ def test_causal_flag_matches_reference_causal_model(tmp_path):
     with torch.no_grad():
         want = ref(input_ids=torch.as_tensor(tokens)).logits.numpy()
     np.testing.assert_allclose(np.asarray(model.logits(tokens, causal=True)), want, atol=TOL)
+
+
+def test_in_memory_state_dict_matches_reference(tmp_path):
+    """`from_state_dict` takes a live model's tensors (here torch's, as numpy) without files."""
+    ref = make_dream(tmp_path / "hf", hidden=48, heads=4, kv_heads=2)
+    cfg = jdlm.ModelConfig.from_hf(tmp_path / "hf")
+    tensors = {k: v.numpy() for k, v in ref.state_dict().items()}
+    model = from_state_dict(cfg, tensors)
+    _check(model, ref, "dream", *_inputs(64))
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    with pytest.raises(JdlmError, match="1 tensor.* missing .*model.layers.1.mlp.up_proj.weight"):
+        from_state_dict(cfg, tensors)
