@@ -233,12 +233,15 @@ def _bucket(length: int, multiple: int = 32) -> int:
 
 def log_likelihood(model, prompt_ids: Sequence[int], answer_ids: Sequence[int], *,
                    mc_num: int = 128, batch_size: int = 16, cfg_scale: float = 0.0,
-                   estimator: str = "llada", seed: int = 0) -> float:
+                   estimator: str = "llada", seed: int = 0, faithful: bool = False) -> float:
     """Monte Carlo lower bound on log p(answer | prompt) (nats) under a masked diffusion model.
 
     `estimator="llada"` masks exactly l ~ U{1..T} answer tokens with weight T / l (stratified
     across each batch, MODELS.md §2.8); `"dream"` masks i.i.d. with a stratified p and weight
     1 / p (§1.9). The prompt is never masked. All `mc_num` samples run in one compiled program.
+    `faithful=True` with the "dream" estimator keeps Dream's eval.py quirk: the sequence's first
+    and last positions are never masked, so its last answer token goes unscored (Dream appends
+    EOS to the answer, which makes that token the EOS; do the same to match its numbers).
     """
     if estimator not in ESTIMATORS:
         raise JdlmError(f"unknown estimator {estimator!r}; choose one of {ESTIMATORS}")
@@ -258,6 +261,12 @@ def log_likelihood(model, prompt_ids: Sequence[int], answer_ids: Sequence[int], 
     pos = np.arange(length)
     prompt = pos < len(prompt_ids)
     answer = (pos >= len(prompt_ids)) & (pos < total)
+    if faithful and estimator == "dream":
+        answer &= (pos > 0) & (pos < total - 1)
+        if not answer.any():
+            raise JdlmError("with faithful=True, Dream's estimator never masks the last position, "
+                            "so a one-token answer at the end has nothing to score; append the "
+                            "EOS id to answer_ids as Dream does")
     nll = _mc_nll(model.graphdef, model.state, jnp.asarray(seq), jnp.asarray(prompt),
                   jnp.asarray(answer), jnp.asarray(pos < total), jax.random.key(seed),
                   jnp.float32(cfg_scale), mc_num=mc_num, batch_size=batch_size,

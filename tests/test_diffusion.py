@@ -205,3 +205,16 @@ def test_likelihood_bad_input(tiny_model):
         diffusion.log_likelihood(tiny_model, [1], [2], estimator="elbo")
     with pytest.raises(JdlmError, match="multiple"):
         diffusion.log_likelihood(tiny_model, [1], [2], mc_num=10, batch_size=4)
+
+
+def test_faithful_dream_estimator_never_scores_the_last_position(tiny_model):
+    """Dream's eval.py never masks positions 0 and L-1: with a two-token answer only the first is
+    scored, so the bound converges to its NLL given the prompt and the visible last token."""
+    prompt, answer = [2, 7, 1], [8, 2]
+    x = np.array([prompt + [MASK, answer[1]]])
+    want = -np_nll(np.asarray(tiny_model.logits(x)), np.array([prompt + answer]))[0, len(prompt)]
+    got = diffusion.log_likelihood(tiny_model, prompt, answer, mc_num=4096, batch_size=32,
+                                   estimator="dream", seed=1, faithful=True)
+    np.testing.assert_allclose(got, want, rtol=0.05)
+    with pytest.raises(JdlmError, match="append the EOS"):
+        diffusion.log_likelihood(tiny_model, prompt, [8], estimator="dream", faithful=True)
