@@ -408,8 +408,13 @@ class _GroupWriter:
         registry = ocp.type_handlers.create_type_handler_registry(
             (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
             (jax.Array, ocp.type_handlers.get_type_handler(jax.Array)))
-        self.free = [ocp.AsyncCheckpointer(ocp.PyTreeCheckpointHandler(
-            use_compression=False, type_handler_registry=registry)) for _ in range(parallel)]
+        # Host arrays, written by this process alone: no barriers with the other hosts.
+        alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                                   active_processes={jax.process_index()})
+        self.free = [ocp.AsyncCheckpointer(
+            ocp.PyTreeCheckpointHandler(use_compression=False, type_handler_registry=registry,
+                                        multiprocessing_options=alone),
+            multiprocessing_options=alone) for _ in range(parallel)]
         self.in_flight: collections.deque = collections.deque()  # (checkpointer, bytes), oldest first
 
     def _await_oldest(self) -> None:
@@ -511,22 +516,44 @@ def convert(hf_dir: str | Path, out_dir: str | Path, *, dtype=None) -> Path:
 
 def save(model: Model, out_dir: str | Path, *, extra_metadata: dict | None = None,
          overwrite: bool = False, extra_files: list[Path] = ()) -> Path:
-    """Write a loaded or trained model in the converted-checkpoint format."""
+    """Write a loaded or trained model in the converted-checkpoint format.
+
+    In a multi-host run every process must call it: each group is gathered to every host (one
+    group at a time, so host memory stays near one layer) and process 0 writes it.
+    """
+    from jax.experimental import multihost_utils
+
     cfg = model.config
+    multi = jax.process_count() > 1
+    writes = jax.process_index() == 0
+
+    def host(x) -> np.ndarray:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True) if multi
+                          else jax.device_get(x))
+
+    if multi and Path(out_dir).exists() and not overwrite:  # on every host, before any gather
+        raise JdlmError(f"output directory {out_dir} already exists; choose a new path or remove it")
     flat = {"/".join(map(str, p)): v[...] for p, v in nnx.to_flat_state(nnx.state(model.module, nnx.Param))}
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        with _GroupWriter(tmp) as writer:
+    with (atomic_directory(out_dir, overwrite=overwrite) if writes
+          else contextlib.nullcontext()) as tmp:
+        with _GroupWriter(tmp) if writes else contextlib.nullcontext() as writer:
             for name, layer in _group_dirs(cfg):
-                if layer is None:
-                    tree = {name: np.asarray(jax.device_get(flat[name]))}
-                else:
-                    tree = {n.split("/")[-1]: np.asarray(jax.device_get(v[layer]))
-                            for n, v in flat.items() if n.startswith("layers/")}
-                writer.write(name, layer, tree)
-        for extra in extra_files:
-            shutil.copy2(extra, tmp / Path(extra).name)
-        meta = _metadata(cfg, model.dtype, model.metadata.get("source", "jdlm"), extra_metadata)
-        (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2))
+                names = [name] if layer is None else [n for n in flat if n.startswith("layers/")]
+                if writes:
+                    writer.reserve(sum(flat[n].nbytes // (1 if layer is None else cfg.num_layers)
+                                       for n in names))
+                tree = {n.split("/")[-1]: host(flat[n] if layer is None else flat[n][layer])
+                        for n in names}
+                if writes:
+                    writer.write(name, layer, tree)
+                del tree
+        if writes:
+            for extra in extra_files:
+                shutil.copy2(extra, tmp / Path(extra).name)
+            meta = _metadata(cfg, model.dtype, model.metadata.get("source", "jdlm"), extra_metadata)
+            (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2))
+    if multi:  # nobody returns before the checkpoint is complete and renamed
+        multihost_utils.sync_global_devices(f"jdlm.save:{Path(out_dir).name}")
     return Path(out_dir)
 
 

@@ -577,11 +577,6 @@ def run(tc: TrainConfig, *, data: str, run_dir: str | Path, out_dir: str | Path 
                "heldout_loss": result.eval_loss, "stopped_early": result.stopped_early,
                "wall_s": time.perf_counter() - started, "train_config": tc.to_dict(),
                **prepared.info}
-    if jax.process_count() > 1:
-        # `checkpoint.save` is single-process (its Orbax barriers would wait for the other
-        # hosts forever); the run's own Orbax checkpoints hold the trained state.
-        print(f"multi-host run: weights are in {run_dir}/checkpoints; no export to {out_dir}")
-        out_dir = None
     if out_dir is not None and not result.stopped_early:
         out_dir = Path(out_dir).absolute()  # Orbax writes only to absolute paths
         save(model_from_params(cfg, result.params), out_dir, overwrite=True,

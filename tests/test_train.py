@@ -10,8 +10,11 @@ import textwrap
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
+from flax import nnx
 
 import jdlm
 from jdlm.config import TrainConfig
@@ -144,7 +147,7 @@ MULTIHOST_SCRIPT = textwrap.dedent("""
     from jdlm.config import TrainConfig
     tc = TrainConfig(seq_len=16, batch_size=8, steps=3, warmup_steps=1, log_every=1,
                      eval_every=3, eval_batches=2, save_every=100)
-    summary = train.run(tc, data="synthetic:support=4,rows=256", run_dir=out, out_dir=None,
+    summary = train.run(tc, data="synthetic:support=4,rows=256", run_dir=out, out_dir=out + "-model",
                         mesh="data=2,fsdp=2", progress=False,
                         model_shape=dict(hidden_size=32, intermediate_size=64, num_layers=1,
                                          num_heads=4, num_kv_heads=4, max_position_embeddings=16))
@@ -169,6 +172,19 @@ def test_two_hosts_train_together(tmp_path):
     assert len(results) == 2 and results[0] == results[1] and results[0][:2] == ["2", "4"]
     losses = _losses(tmp_path / "run")
     assert sorted(losses) == [1, 2, 3] and np.isfinite(list(losses.values())).all()
+    # Both hosts exported together (gathered, written by process 0): the checkpoint holds
+    # exactly the parameters of the run's own final Orbax checkpoint.
+    step = tmp_path / "run" / "checkpoints" / "3" / "state"
+    ckpt = ocp.StandardCheckpointer()
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                          ckpt.metadata(step).item_metadata.tree)
+    want = nnx.traversals.flatten_mapping(ckpt.restore(step, target)["params"])
+    model = jdlm.load(tmp_path / "run-model")
+    got = {path: v[...] for path, v in nnx.to_flat_state(nnx.state(model.module, nnx.Param))}
+    assert set(got) == set(want)
+    for path, value in want.items():
+        np.testing.assert_array_equal(np.asarray(got[path]), np.asarray(value))
 
 
 # ----------------------------------------------------------------------------------------------
