@@ -2,7 +2,8 @@
 
 These need a GPU and run with `pytest -m gpu` (the README's GPU command); the default suite
 deselects them. The reference is transformers in float32 on the CPU; jdlm runs in bfloat16 on
-the GPU, so the bound is relative (bf16 operands land between 1e-3 and 1e-2).
+the GPU with the same bf16-rounded weights, so the bound is relative (bf16 activations land
+between 1e-3 and 1e-2).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 from flax import nnx
 
 import jdlm
@@ -60,11 +62,12 @@ def test_cudnn_is_the_default_on_gpu_for_half_precision():
 
 @pytest.mark.parametrize("family", ["dream", "llada"])
 def test_bf16_cudnn_logits_match_transformers(tmp_path, family):
+    # bf16 on disk; the reference computes in float32 with exactly those (rounded) weights.
     if family == "dream":
-        ref = make_dream(tmp_path / "hf", kv_heads=2, **SHAPES)
+        ref = make_dream(tmp_path / "hf", kv_heads=2, dtype=torch.bfloat16, **SHAPES)
     else:
-        ref = make_llada(tmp_path / "hf", **SHAPES)
-    assert cli(["convert", str(tmp_path / "hf"), str(tmp_path / "jdlm"), "--dtype", "bfloat16"]) == 0
+        ref = make_llada(tmp_path / "hf", dtype=torch.bfloat16, **SHAPES)
+    assert cli(["convert", str(tmp_path / "hf"), str(tmp_path / "jdlm")]) == 0
     model = jdlm.load(tmp_path / "jdlm")
     assert model.dtype == jnp.bfloat16
     hlo = jax.jit(model.logits).lower(jnp.zeros((4, 96), jnp.int32),
@@ -80,28 +83,33 @@ def test_bf16_cudnn_logits_match_transformers(tmp_path, family):
         assert np.isfinite(got).all()
         err, err_xla = _relative(got, want), _relative(got_xla, want)
         print(f"{family} mask={attention_mask is not None}: cudnn {err:.2e}, xla bf16 {err_xla:.2e}")
-        assert err < 1e-2
+        # bf16 activations through 2 layers of these random weights: about 4e-2 with XLA on a CPU.
+        assert err < 0.1
         assert err < 1.5 * err_xla + 1e-3  # no worse than XLA's bf16 attention on the same weights
 
 
 def test_cudnn_gradients_match_float32(tmp_path):
-    """Training differentiates through the fused kernel: its gradients equal float32 XLA's."""
+    """Training differentiates through the fused kernel: its gradients are as close to float32
+    XLA's as XLA's own bf16 gradients are."""
     make_dream(tmp_path / "hf", kv_heads=2, **SHAPES)
-    model = jdlm.load(tmp_path / "hf", dtype="bfloat16")
-    f32 = jdlm.load(tmp_path / "hf", dtype="float32", attn_impl="xla")
     tokens, mask = _inputs(SHAPES["vocab"], seed=4)
-    targets = np.roll(tokens, -1, axis=1)
+    targets = jnp.asarray(np.roll(tokens, -1, axis=1))
     rows = jnp.asarray(_rows("dream", mask))
 
-    def loss(state, m):
-        logits = nnx.merge(m.graphdef, state)(jnp.asarray(tokens), jnp.asarray(mask))
-        ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), jnp.asarray(targets)[..., None], -1)
-        return jnp.sum(ce[..., 0] * rows) / rows.sum()
+    def grads(dtype, attn_impl):
+        model = jdlm.load(tmp_path / "hf", dtype=dtype)
 
-    got = jax.grad(loss)(model.state, model)
-    want = jax.grad(loss)(f32.state, f32)
-    for path, g in nnx.to_flat_state(got):
-        w = dict(nnx.to_flat_state(want))[path]
-        err = _relative(np.asarray(g[...], np.float32), np.asarray(w[...]))
-        assert err < 3e-2, (path, err)
+        def loss(state):
+            module = nnx.merge(model.graphdef, state)
+            logits = module(jnp.asarray(tokens), jnp.asarray(mask), attn_impl=attn_impl)
+            ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0]
+            return jnp.sum(ce * rows) / rows.sum()
 
+        return {path: np.asarray(v[...], np.float32)
+                for path, v in nnx.to_flat_state(jax.grad(loss)(model.state))}
+
+    want = grads("float32", "xla")
+    cudnn, xla = grads("bfloat16", "cudnn"), grads("bfloat16", "xla")
+    for path, w in want.items():
+        err, err_xla = _relative(cudnn[path], w), _relative(xla[path], w)
+        assert np.isfinite(cudnn[path]).all() and err < 1.5 * err_xla + 1e-3, (path, err, err_xla)
